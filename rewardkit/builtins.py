@@ -1,0 +1,28 @@
+"""The built-in plugins, registered through the same hooks as third-party ones."""
+
+from rewardkit.hookspecs import hookimpl
+
+
+@hookimpl
+def register_generators(register):
+    from rewardkit.generators.pixels import Pixels
+
+    register(Pixels)
+
+
+@hookimpl
+def register_rewards(register):
+    from rewardkit.rewards.color import Color
+    from rewardkit.rewards.smoothness import Smoothness
+
+    register(Color)
+    register(Smoothness)
+
+
+@hookimpl
+def register_regularizers(register):
+    from rewardkit.regularizers.normalize_gradients import NormalizeGradients
+    from rewardkit.regularizers.weight_l2 import WeightL2
+
+    register(WeightL2)
+    register(NormalizeGradients)

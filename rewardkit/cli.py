@@ -1,0 +1,155 @@
+"""The `rewardkit` command line.
+
+Exit codes: 0 success; 2 bad input (recipe, arguments, missing weights) with
+a short message and no traceback; 1 unexpected failure. Only the standard
+library is imported at start-up: each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugin", action="append", default=[], metavar="PATH", help="register a local plugin file (repeatable)")
+
+    parser = argparse.ArgumentParser(
+        prog="rewardkit",
+        description="Reward-driven post-training of text-to-image generators (R0 / R0+).",
+        epilog="Run 'rewardkit COMMAND --help' for a command's options. Docs: docs/ in the repository.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="train with a recipe", description="Train with a recipe. With no RECIPE, runs the embedded default.")
+    p.add_argument("recipe", nargs="?", help="a recipe file, or the name of an embedded recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. run.steps=100 rewards.color.weight=2")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run directory")
+
+    p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = sub.add_parser("plugins", parents=[common], help="list registered plugins")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("sample", parents=[common], help="generate images with a trained generator")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-n", type=int, default=4, help="number of images (default 4)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from rewardkit import __version__
+
+        print(f"rewardkit {__version__}")
+        return EXIT_OK
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    _setup_logging()
+
+    from rewardkit.errors import TrainingDiverged, UserError
+
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"rewardkit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as exc:
+        print(f"rewardkit: training diverged: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("rewardkit: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="rewardkit: %(levelname)s: %(message)s", stream=sys.stderr)
+    for noisy in ("accelerate", "torch", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _split_recipe_args(recipe: str | None, overrides: list[str]):
+    """`rewardkit run a.b=1` means the default recipe with an override."""
+    if recipe is not None and "=" in recipe:
+        return None, [recipe, *overrides]
+    return recipe, overrides
+
+
+def cmd_run(args) -> int:
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.plugins import load_registry
+    from rewardkit.recipe import load_recipe
+
+    recipe_path, overrides = _split_recipe_args(args.recipe, args.overrides)
+    recipe = load_recipe(recipe_path, overrides, registry=load_registry(args.plugin))
+    result = Optimizer.from_recipe(recipe).fit(resume=args.resume)
+    rewards = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in result.metrics.items() if k.startswith("reward/"))
+    print(f"done: step {result.step}, {rewards}")
+    print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from rewardkit.plugins import load_registry
+    from rewardkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, registry=load_registry(args.plugin))
+    names = ", ".join(f"{s.label} ({s.cls.name})" for s in recipe.rewards)
+    print(f"{recipe.source}: ok - generator {recipe.generator.cls.name}, rewards {names}, {recipe.run.steps} steps")
+    return EXIT_OK
+
+
+def cmd_plugins(args) -> int:
+    from rewardkit.plugins import load_registry
+
+    registry = load_registry(args.plugin)
+    rows = [{"kind": i.kind, "name": i.name, "package": i.package, "version": i.version} for i in registry.all()]
+    failed = [{"plugin": f.plugin, "package": f.package, "error": f.error} for f in registry.failures]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failed": failed}, indent=2))
+        return EXIT_OK
+    widths = {k: max([len(k)] + [len(r[k]) for r in rows]) for k in ("kind", "name", "package", "version")}
+    print("  ".join(k.upper().ljust(w) for k, w in widths.items()))
+    for r in rows:
+        print("  ".join(r[k].ljust(w) for k, w in widths.items()))
+    for f in failed:
+        print(f"FAILED  {f['plugin']} ({f['package']}): {f['error']}")
+    return EXIT_OK
+
+
+def cmd_sample(args) -> int:
+    from pathlib import Path
+
+    from rewardkit.errors import UserError
+    from rewardkit.plugins import load_registry
+    from rewardkit.sampling import fixed_noise, generate, load_generator, save_grid, save_pngs
+
+    if args.n < 1:
+        raise UserError(f"-n must be at least 1, got {args.n}")
+    generator, _, checkpoint = load_generator(args.path, registry=load_registry(args.plugin))
+    images = generate(generator, [args.prompt] * args.n, fixed_noise(generator, args.n, args.seed))
+    out = Path(args.out)
+    paths = save_pngs(images, out)
+    save_grid(images, out / "grid.png")
+    print(f"wrote {len(paths)} images and grid.png to {out} (from {checkpoint})")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Errors that are the user's to fix.
+
+Anything raised as a `UserError` is reported by the CLI as a short message with
+exit code 2 and no traceback: a bad recipe, a bad argument, missing weights.
+Everything else is a bug or an environment failure and exits 1 with a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and what to do."""
+
+
+class RecipeError(UserError):
+    """A recipe (or an override of it) is invalid.
+
+    `problems` holds one line per problem, each naming the dotted key.
+    """
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid recipe {source}:\n{lines}")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps produced NaN or Inf; the run stopped."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or ''."""
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -1,0 +1,104 @@
+"""The generator protocol: a model wrapped into a differentiable sampler.
+
+A generator maps ``prompts, noise, SampleOptions -> images`` with images of
+shape (B, 3, H, W), float in [0, 1], differentiable with respect to its
+trainable parameters. The optimizer never looks inside: it only calls the
+methods below, so literal pixel search, a LoRA on a diffusion model and a
+full fine-tune are driven by the same loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from rewardkit.options import Configurable
+
+
+@dataclass
+class SampleOptions:
+    """Knobs the optimizer and regularizers may set per call.
+
+    A generator reads the ones it supports and ignores the rest.
+
+    num_steps: sampler steps (None: the generator's own default).
+    eta: stochasticity per sample and step: a float, a (B,) or a (B, K) tensor.
+    supervise_step: None to return the final image; else the 0-based step
+        whose clean-image prediction is returned (R0+), earlier steps run
+        without gradient. A (B,) tensor picks one step per sample.
+    grad_steps: backpropagate through the last `grad_steps` steps only
+        (None: through all of them).
+    """
+
+    num_steps: int | None = None
+    eta: float | torch.Tensor = 0.0
+    supervise_step: int | torch.Tensor | None = None
+    grad_steps: int | None = None
+
+    def replace(self, **changes) -> "SampleOptions":
+        return replace(self, **changes)
+
+
+class Generator(Configurable, torch.nn.Module):
+    """Base class of generator plugins.
+
+    Subclasses set `name`, declare `Options`, and implement `setup`,
+    `noise_shape` and `forward`. Trainable parameters are those with
+    ``requires_grad``; everything else is frozen.
+    """
+
+    def __init__(self, **options):
+        torch.nn.Module.__init__(self)
+        self._set_options(options)
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    def setup(self, prompts: Sequence[str], seed: int) -> None:
+        """Build or initialize the model; called once before training and
+        before any checkpoint is loaded. `prompts` is the training set."""
+
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's input noise."""
+        raise NotImplementedError
+
+    def sample_options(self) -> SampleOptions:
+        """This generator's default options, used as-is for inference."""
+        return SampleOptions()
+
+    def forward(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- what gets trained, saved and regularized -------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, as saved in checkpoints."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"checkpoint does not fit generator '{self.name}': missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for n, tensor in state.items():
+                params[n].copy_(tensor)
+
+    def snapshot_reference(self) -> None:
+        """Remember the current trainable weights as the reference theta_0.
+
+        Generators that can express the distance without a copy (LoRA: the
+        adapter delta itself) override `squared_distance_to_reference` and
+        make this a no-op.
+        """
+        self._reference = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def squared_distance_to_reference(self) -> torch.Tensor:
+        """sum ||theta - theta_0||^2 over trainable weights, differentiable."""
+        if self._reference is None:
+            raise RuntimeError("snapshot_reference() was not called before squared_distance_to_reference()")
+        params = dict(self.named_parameters())
+        return sum(((params[n] - ref) ** 2).sum() for n, ref in self._reference.items())

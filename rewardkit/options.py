@@ -1,0 +1,75 @@
+"""Option models shared by recipes and plugins, and readable validation errors.
+
+Every plugin declares its options as a pydantic model subclassing
+`PluginOptions` (unknown keys are errors, never silently ignored). Recipes and
+the Python API validate through the same models, so an option means the same
+thing wherever it is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rewardkit.errors import RecipeError, did_you_mean
+
+
+class PluginOptions(BaseModel):
+    """Base of every plugin's `Options`: strict about unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def describe_errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem: the dotted key, what was expected, what was found."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        key = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(model, err["loc"][:-1])
+            allowed = list(parent.model_fields) if parent is not None else []
+            hint = did_you_mean(loc[-1], allowed)
+            expected = f"; allowed keys: {', '.join(allowed)}" if allowed and not hint else ""
+            problems.append(f"{key}: unknown key{hint}{expected}")
+        elif kind == "missing":
+            problems.append(f"{key}: required key is missing")
+        else:
+            found = err.get("input")
+            problems.append(f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}; found {found!r}")
+    return problems
+
+
+def _model_at(model: type[BaseModel], loc) -> type[BaseModel] | None:
+    """The nested pydantic model at `loc`, to list its keys in a hint."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def validate_plugin_options(cls, options: dict, where: str, source: str | None = None) -> PluginOptions:
+    """Validate `options` against `cls.Options`, raising RecipeError naming `where.key`."""
+    try:
+        return cls.Options.model_validate(options)
+    except ValidationError as exc:
+        raise RecipeError(source or f"options of {cls.__name__}", describe_errors(exc, cls.Options, where)) from None
+
+
+class Configurable:
+    """Mixin for plugin classes: `name`, `Options`, and validated `self.options`."""
+
+    name: str = ""
+    Options: type[PluginOptions] = PluginOptions
+
+    def _set_options(self, options: dict) -> None:
+        self.options = validate_plugin_options(type(self), options, self.name or type(self).__name__)
+
+    def recipe_table(self) -> dict:
+        """This plugin as a recipe table: its registered name and its options."""
+        return {"type": self.name, **self.options.model_dump(mode="json", exclude_none=True)}

@@ -1,0 +1,163 @@
+"""Finding and registering plugins.
+
+Three sources, all through the hooks of rewardkit.hookspecs:
+1. the built-ins (rewardkit.builtins), always;
+2. installed packages exposing the `rewardkit` entry-point group, filtered
+   by REWARDKIT_LOAD_PLUGINS (a comma list of entry-point or distribution
+   names; set but empty loads none);
+3. local files given explicitly (`--plugin path.py`).
+
+A plugin that fails to import or to register is recorded with its error,
+warned about, and skipped; everything else keeps working.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pluggy
+
+from rewardkit import hookspecs
+from rewardkit.errors import UserError, did_you_mean
+
+ENTRY_POINT_GROUP = "rewardkit"
+LOAD_ENV = "REWARDKIT_LOAD_PLUGINS"
+KINDS = {"generator": "register_generators", "reward": "register_rewards", "regularizer": "register_regularizers"}
+
+log = logging.getLogger("rewardkit")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    kind: str
+    name: str
+    cls: type
+    package: str
+    version: str
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    plugin: str
+    package: str
+    error: str
+
+
+@dataclass(frozen=True)
+class _Origin:
+    package: str
+    version: str
+
+
+class Registry:
+    """Every registered generator, reward and regularizer class, by kind and name."""
+
+    def __init__(self):
+        self.plugins: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
+        self.failures: list[PluginFailure] = []
+
+    def get(self, kind: str, name: str) -> type:
+        table = self.plugins[kind]
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise UserError(f"no {kind} plugin named '{name}'{did_you_mean(name, table)}; registered: {known}")
+        return table[name].cls
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.plugins[kind])
+
+    def all(self) -> list[PluginInfo]:
+        return [info for kind in KINDS for info in sorted(self.plugins[kind].values(), key=lambda i: i.name)]
+
+    def _fail(self, plugin: str, package: str, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.failures.append(PluginFailure(plugin, package, text))
+        log.warning("plugin '%s' (%s) could not be loaded and is skipped: %s", plugin, package, text)
+
+
+def load_registry(local_files: Iterable[str | os.PathLike] = ()) -> Registry:
+    """Build a registry from the built-ins, installed plugins and `local_files`."""
+    from rewardkit import __version__, builtins
+
+    pm = pluggy.PluginManager("rewardkit")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry()
+    origins: dict[str, _Origin] = {}
+
+    pm.register(builtins, name="rewardkit.builtins")
+    origins["rewardkit.builtins"] = _Origin("rewardkit", __version__)
+
+    for ep in _selected_entry_points():
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        try:
+            module = ep.load()
+            pm.register(module, name=f"ep:{ep.name}")
+        except Exception as exc:  # any failure of third-party code is reported, not fatal
+            registry._fail(ep.name, dist, exc)
+            continue
+        origins[f"ep:{ep.name}"] = _Origin(dist, version)
+
+    for path in local_files:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--plugin {path}: no such file")
+        try:
+            module = _import_file(path)
+            pm.register(module, name=f"file:{path}")
+        except Exception as exc:
+            registry._fail(path.stem, str(path), exc)
+            continue
+        origins[f"file:{path}"] = _Origin(str(path), "local")
+
+    for kind, hook_name in KINDS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            origin = origins[impl.plugin_name]
+            try:
+                impl.function(register=_registrar(registry, kind, origin))
+            except Exception as exc:
+                registry._fail(impl.plugin_name.split(":", 1)[-1], origin.package, exc)
+    return registry
+
+
+def _registrar(registry: Registry, kind: str, origin: _Origin):
+    def register(cls):
+        name = getattr(cls, "name", "")
+        if not name:
+            raise TypeError(f"{cls.__qualname__} has no `name`")
+        existing = registry.plugins[kind].get(name)
+        if existing is not None and existing.cls is not cls:
+            registry._fail(name, origin.package, f"{kind} name '{name}' is already registered by {existing.package}")
+            return
+        registry.plugins[kind][name] = PluginInfo(kind, name, cls, origin.package, origin.version)
+
+    return register
+
+
+def _selected_entry_points():
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    wanted = os.environ.get(LOAD_ENV)
+    if wanted is None:
+        return list(eps)
+    names = {w.strip() for w in wanted.split(",") if w.strip()}
+    return [ep for ep in eps if ep.name in names or (ep.dist and ep.dist.name in names)]
+
+
+def _import_file(path: Path):
+    module_name = f"rewardkit_local_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module

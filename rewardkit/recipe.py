@@ -1,0 +1,247 @@
+"""Recipes: TOML descriptions of a run, validated into typed objects.
+
+A recipe names plugins by their registered name and sets their options;
+it never imports or executes code. Layout::
+
+    [run]            steps, batch size, seed, where to write, how often to sample/checkpoint
+    [prompts]        training prompts (inline or a file) and the fixed grid prompts
+    [generator]      type = "<generator plugin>", then its options
+    [optimizer]      torch optimizer and learning-rate schedule
+    [rewards.LABEL]  one table per reward; type defaults to LABEL; `weight` and its options
+    [regularizers.LABEL]  likewise, applied in the order written
+
+Every problem found is reported at once, each naming the file and the
+dotted key, with a close match for misspelled keys and plugin names.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from rewardkit.errors import RecipeError, UserError, did_you_mean
+from rewardkit.options import describe_errors
+
+DEFAULT_RECIPE = "pixels_demo"
+"""The embedded recipe `rewardkit run` uses when given none."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Section):
+    dir: str | None = None
+    """Run directory. Default: runs/<recipe file name>."""
+    seed: int = 0
+    steps: PositiveInt
+    batch_size: PositiveInt = 4
+    sample_every: NonNegativeInt = 0
+    """Write a sample grid every N steps (0: only before the first and after the last step)."""
+    checkpoint_every: NonNegativeInt = 0
+    """Checkpoint every N steps (0: only after the last step)."""
+    keep_checkpoints: PositiveInt = 2
+    max_nonfinite_steps: PositiveInt = 5
+    """Stop after this many consecutive steps with NaN/Inf (each is skipped)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+class PromptsSection(_Section):
+    train: list[str] = Field(default_factory=list)
+    file: str | None = None
+    """A text file, one prompt per line, relative to the recipe file."""
+    sample: list[str] | None = None
+    """Prompts of the sample grids (default: the first 4 training prompts)."""
+
+
+class OptimizerSection(_Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: PositiveFloat = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: NonNegativeFloat = 0.0
+    max_grad_norm: PositiveFloat | None = None
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+
+
+class _PluginTable(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str | None = None
+
+
+class _RecipeModel(_Section):
+    run: RunSection
+    prompts: PromptsSection
+    generator: _PluginTable
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    rewards: dict[str, _PluginTable] = Field(min_length=1)
+    regularizers: dict[str, _PluginTable] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _generator_has_type(self):
+        if not self.generator.type:
+            raise ValueError("[generator] needs `type`, the name of a generator plugin")
+        return self
+
+
+@dataclass
+class PluginSpec:
+    """One plugin of a recipe: its class and validated options."""
+
+    label: str
+    cls: type
+    options: Any
+
+    def build(self):
+        return self.cls(**self.options.model_dump())
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: typed sections and resolved plugin specs."""
+
+    source: str
+    run: RunSection
+    prompts: list[str]
+    sample_prompts: list[str]
+    optimizer: OptimizerSection
+    generator: PluginSpec
+    rewards: list[PluginSpec]
+    regularizers: list[PluginSpec] = field(default_factory=list)
+
+
+def embedded_recipes() -> dict[str, Path]:
+    """Recipes shipped inside the package, by name (file name without .toml)."""
+    root = importlib.resources.files("rewardkit.recipes")
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def read_recipe_file(path: str | Path | None) -> tuple[dict, str, Path | None]:
+    """Parse a recipe file (or an embedded recipe's name): (data, source label, folder)."""
+    if path is None:
+        path = DEFAULT_RECIPE
+    p = Path(path)
+    if not p.exists():
+        embedded = embedded_recipes()
+        if str(path) in embedded:
+            p = embedded[str(path)]
+        else:
+            raise UserError(
+                f"recipe {path}: no such file, and no embedded recipe of that name{did_you_mean(str(path), embedded)}; "
+                f"embedded recipes: {', '.join(sorted(embedded))}"
+            )
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"recipe {path}: cannot be read: {exc}") from None
+    return data, str(path), p.parent
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value), the value read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. run.steps=100")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return [k.strip() for k in key.split(".")], value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError("override", [f"{'.'.join(keys[: i + 1])}: is a value, not a table; cannot set {text!r}"])
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[str] = (), registry=None) -> Recipe:
+    """Read, override and validate a recipe (a path, an embedded name, or a dict)."""
+    if isinstance(source, Mapping):
+        data, label, folder = dict(source), "<dict>", Path.cwd()
+    else:
+        data, label, folder = read_recipe_file(source)
+    data = apply_overrides(data, overrides)
+    if registry is None:
+        from rewardkit.plugins import load_registry
+
+        registry = load_registry()
+
+    try:
+        model = _RecipeModel.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(label, _section_errors(describe_errors(exc, _RecipeModel))) from None
+
+    problems: list[str] = []
+    generator = _plugin_spec(registry, "generator", "generator", "generator", model.generator, problems)
+    rewards = [_plugin_spec(registry, "reward", f"rewards.{k}", k, t, problems) for k, t in model.rewards.items()]
+    regularizers = [_plugin_spec(registry, "regularizer", f"regularizers.{k}", k, t, problems) for k, t in model.regularizers.items()]
+    prompts = _read_prompts(model.prompts, folder, problems)
+    if problems:
+        raise RecipeError(label, problems)
+
+    run = model.run
+    if run.dir is None:
+        stem = Path(label).stem if label != "<dict>" else "rewardkit"
+        run = run.model_copy(update={"dir": f"runs/{stem}"})
+    sample = model.prompts.sample if model.prompts.sample else prompts[:4]
+    return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers)
+
+
+def _section_errors(problems: list[str]) -> list[str]:
+    out = []
+    for p in problems:
+        key, _, rest = p.partition(": ")
+        if "." not in key and rest.startswith("unknown key"):
+            p = f"[{key}]: unknown section{rest[len('unknown key'):]}"
+        elif "." not in key and rest.startswith("required key is missing"):
+            p = f"[{key}]: required section is missing"
+        out.append(p)
+    return out
+
+
+def _plugin_spec(registry, kind: str, where: str, label: str, table: _PluginTable, problems: list[str]) -> PluginSpec | None:
+    name = table.type or label
+    options = dict(table.model_extra or {})
+    if name not in registry.plugins[kind]:
+        known = ", ".join(registry.names(kind)) or "none"
+        problems.append(f"{where}.type: no {kind} plugin named '{name}'{did_you_mean(name, registry.names(kind))}; registered: {known}")
+        return None
+    cls = registry.plugins[kind][name].cls
+    try:
+        return PluginSpec(label, cls, cls.Options.model_validate(options))
+    except ValidationError as exc:
+        problems.extend(describe_errors(exc, cls.Options, where))
+        return None
+
+
+def _read_prompts(section: PromptsSection, folder: Path, problems: list[str]) -> list[str]:
+    prompts = list(section.train)
+    if section.file:
+        path = Path(section.file)
+        if not path.is_absolute():
+            path = folder / path
+        try:
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            problems.append(f"prompts.file: cannot read {path}: {exc.strerror or exc}")
+    if not prompts and not problems:
+        problems.append("prompts: no training prompts; set prompts.train = [...] or prompts.file = 'prompts.txt'")
+    return prompts

@@ -1,0 +1,47 @@
+"""The reward protocol: images and prompts to scores, higher is better.
+
+``reward(images, prompts) -> scores`` with images (B, 3, H, W) float in
+[0, 1] and scores (B,). A reward does its own preprocessing (resize,
+normalize) on tensors so gradients flow back to the pixels; it never
+round-trips through PIL on the training path.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rewardkit.options import Configurable, PluginOptions
+
+
+class RewardOptions(PluginOptions):
+    """Options every reward has; subclass to add the reward's own."""
+
+    weight: float = 1.0
+    """Weight w_i of this reward in the combined objective."""
+
+
+class Reward(Configurable, torch.nn.Module):
+    """Base class of reward plugins.
+
+    Subclasses set `name`, optionally `input_size` (the (H, W) the model
+    sees; informational) and `differentiable`, declare `Options` (subclass
+    of RewardOptions), load their model in `__init__`, and implement
+    `forward`. The optimizer freezes the module and puts it in eval mode.
+    """
+
+    Options = RewardOptions
+    input_size: tuple[int, int] | None = None
+    differentiable: bool = True
+
+    def __init__(self, **options):
+        torch.nn.Module.__init__(self)
+        self._set_options(options)
+
+    @property
+    def weight(self) -> float:
+        return self.options.weight
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
