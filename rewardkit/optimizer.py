@@ -123,7 +123,7 @@ class Optimizer:
 
         run, run_dir = self.run, self.run_dir
         _check_run_dir(run_dir, resume)
-        accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers), project_dir=str(run_dir))
+        accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers) or None, project_dir=str(run_dir))
         main = accelerator.is_main_process
         world = accelerator.num_processes
         if run.batch_size % world:
@@ -242,7 +242,7 @@ class Optimizer:
                 "reward/total": sum(self.rewards[label].weight * v for label, v in mean_scores.items()),
                 **{f"reward/{label}": v for label, v in mean_scores.items()},
                 **{f"grad_norm/{label}": v for label, v in raw_norms.items()},
-                **{f"penalty/{label}": float(p) for label, p in penalties.items()},
+                **{f"penalty/{label}": p.item() for label, p in penalties.items()},
                 "loss": loss.item(),
                 "param_grad_norm": param_grad_norm,
                 "lr": schedule.get_last_lr()[0],

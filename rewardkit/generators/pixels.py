@@ -18,8 +18,8 @@ from rewardkit.options import PluginOptions
 
 
 class PixelsOptions(PluginOptions):
-    height: PositiveInt = 32
-    width: PositiveInt = 32
+    height: PositiveInt
+    width: PositiveInt
     init: Literal["noise", "gray"] = "noise"
     """'noise': random logits (std `init_std`) from the run seed; 'gray': all 0.5."""
     init_std: float = 0.5

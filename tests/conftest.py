@@ -1,0 +1,54 @@
+"""Shared fixtures: offline environment, a small pixels recipe, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS = Path(__file__).parent
+PLUGIN_FILES = TESTS / "plugin_files"
+
+
+def pixels_recipe(run_dir: Path, steps: int = 30, **sections) -> dict:
+    """A small pixels recipe as a dict; `sections` replace or extend tables."""
+    recipe = {
+        "run": {"dir": str(run_dir), "steps": steps, "batch_size": 2, "trackers": [], "progress": False, "seed": 0},
+        "prompts": {"train": ["a red square", "a blue square"]},
+        "generator": {"type": "pixels", "height": 16, "width": 16},
+        "optimizer": {"name": "adam", "lr": 0.05},
+        "rewards": {"color": {"target": [0.9, 0.1, 0.1]}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict) and key in ("run", "optimizer", "generator"):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`rewardkit ARGS` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rewardkit", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe dict as TOML under tmp_path; returns the path."""
+    import tomli_w
+
+    def write(recipe: dict, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(tomli_w.dumps(recipe))
+        return path
+
+    return write

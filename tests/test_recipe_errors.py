@@ -1,0 +1,114 @@
+"""Malformed recipes exit 2 with a message naming the key, and no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import PLUGIN_FILES, pixels_recipe, run_cli
+from rewardkit.cli import main
+
+
+def validate(capsys, path, *extra) -> tuple[int, str]:
+    code = main(["validate", str(path), *extra])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_bad_input(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+
+
+def test_broken_toml(tmp_path, capsys):
+    path = tmp_path / "broken.toml"
+    path.write_text("[run]\nsteps = = 3\n")
+    code, err = validate(capsys, path)
+    assert_bad_input(code, err, str(path), "not valid TOML", "line 2")
+
+
+def test_unknown_section(tmp_path, capsys, write_recipe):
+    path = write_recipe({**pixels_recipe(tmp_path / "r"), "rewardz": {}})
+    code, err = validate(capsys, path)
+    assert_bad_input(code, err, str(path), "[rewardz]: unknown section", "did you mean 'rewards'?")
+
+
+def test_unknown_key(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r")
+    recipe["run"]["stepz"] = 3
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "run.stepz: unknown key", "did you mean 'steps'?")
+
+
+def test_unknown_plugin_option(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r", regularizers={"weight_l2": {"wieght": 0.1}})
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "regularizers.weight_l2.wieght: unknown key", "did you mean 'weight'?")
+
+
+def test_wrong_type(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r")
+    recipe["optimizer"]["lr"] = "fast"
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "optimizer.lr:", "valid number", "'fast'")
+
+
+def test_unknown_plugin_name(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r", regularizers={"weight_l3": {}})
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "regularizers.weight_l3.type", "no regularizer plugin named 'weight_l3'", "did you mean 'weight_l2'?")
+
+
+def test_missing_required_plugin_option(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r")
+    del recipe["generator"]["height"]
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "generator.height: required key is missing")
+
+
+def test_missing_required_option_of_local_plugin(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r", rewards={"brightness": {"weight": 1.0}})
+    code, err = validate(capsys, write_recipe(recipe), "--plugin", str(PLUGIN_FILES / "required_option.py"))
+    assert_bad_input(code, err, "rewards.brightness.level: required key is missing")
+
+
+def test_negative_step_count(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r", steps=-5)
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "run.steps:", "greater than 0", "-5")
+
+
+def test_all_problems_reported_at_once(tmp_path, capsys, write_recipe):
+    recipe = pixels_recipe(tmp_path / "r", rewards={"colour": {}})
+    recipe["generator"]["hieght"] = 3
+    code, err = validate(capsys, write_recipe(recipe))
+    assert_bad_input(code, err, "rewards.colour.type", "did you mean 'color'?", "generator.hieght: unknown key")
+
+
+def test_bad_override_names_the_key(tmp_path, capsys, write_recipe):
+    path = write_recipe(pixels_recipe(tmp_path / "r"))
+    code, err = validate(capsys, path, "run.batch_size=0")
+    assert_bad_input(code, err, "run.batch_size:", "greater than 0")
+
+
+def test_run_exits_2_in_a_real_process(tmp_path, write_recipe):
+    """The exit code and the absence of a traceback, as a shell sees them."""
+    recipe = pixels_recipe(tmp_path / "r")
+    recipe["run"]["stepz"] = 3
+    proc = run_cli("run", str(write_recipe(recipe)))
+    assert proc.returncode == 2, proc.stderr
+    assert "run.stepz: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists(), "a rejected recipe must not create a run directory"
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    code, err = validate(capsys, tmp_path / "nope.toml")
+    assert_bad_input(code, err, "nope.toml: no such file")
+
+
+@pytest.mark.parametrize("override", ["run.steps", "=3"])
+def test_malformed_override(tmp_path, capsys, write_recipe, override):
+    code, err = validate(capsys, write_recipe(pixels_recipe(tmp_path / "r")), override)
+    assert_bad_input(code, err, "expected KEY=VALUE")
