@@ -191,6 +191,7 @@ class Optimizer:
             options = _shard_options(options, shard)
 
             # 2. generate with gradient
+            t_gen = time.perf_counter()
             with accelerator.autocast():
                 images = model(prompts, noise, options).float()
             t1 = time.perf_counter()
@@ -220,9 +221,11 @@ class Optimizer:
                     penalties[label] = p
                     loss = loss + p
             finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
-            param_grad_norm = math.nan
+            param_grad_norm, backward_time = math.nan, 0.0
             if finite:
+                t3 = time.perf_counter()
                 accelerator.backward(loss)
+                backward_time = time.perf_counter() - t3
                 param_grad_norm = float(accelerator.clip_grad_norm_(params, self.optim.max_grad_norm or math.inf))
                 finite = math.isfinite(param_grad_norm)
             if finite:
@@ -233,7 +236,7 @@ class Optimizer:
                 consecutive_bad += 1
                 nonfinite_total += 1
             optim.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
+            t4 = time.perf_counter()
 
             # 6. log, sample, checkpoint
             mean_scores = {label: accelerator.reduce(s.mean(), "mean").item() for label, s in scores.items()}
@@ -248,10 +251,10 @@ class Optimizer:
                 "lr": schedule.get_last_lr()[0],
                 "skipped": not finite,
                 "nonfinite_total": nonfinite_total,
-                "time/step": t3 - t0,
-                "time/generate": t1 - t0,
+                "time/step": t4 - t0,
+                "time/generate": t1 - t_gen,
                 "time/rewards": t2 - t1,
-                "time/backward_and_update": t3 - t2,
+                "time/backward": backward_time,
                 "memory/peak_mb": _peak_memory_mb(accelerator.device),
             }
             if main:
