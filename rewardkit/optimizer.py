@@ -123,7 +123,7 @@ class Optimizer:
 
         run, run_dir = self.run, self.run_dir
         _check_run_dir(run_dir, resume)
-        accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers) or None, project_dir=str(run_dir))
+        accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers, run_dir, self.recipe()) or None)
         main = accelerator.is_main_process
         world = accelerator.num_processes
         if run.batch_size % world:
@@ -167,7 +167,7 @@ class Optimizer:
             _write_recipe(run_dir, self.recipe(), resumed=checkpoint is not None)
         model, optim = accelerator.prepare(gen, optim)
         if run.trackers:
-            accelerator.init_trackers("tensorboard")
+            accelerator.init_trackers("rewardkit")
 
         sample_noise = fixed_noise(gen, len(self.sample_prompts), run.seed + SAMPLE_SEED_OFFSET)
         if start_step == 0 and main:
@@ -359,13 +359,21 @@ def _lr_schedule(cfg: OptimizerSection, optim, total_steps: int):
     return SequentialLR(optim, [LinearLR(optim, start_factor=1.0 / (warmup + 1), total_iters=warmup), main], milestones=[warmup])
 
 
-def _trackers(names: list[str]) -> list[str]:
-    if "wandb" in names:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("run.trackers includes 'wandb', but wandb is not installed: pip install 'rewardkit[wandb]'") from None
-    return list(names)
+def _trackers(names: list[str], run_dir: Path, recipe: dict) -> list:
+    """accelerate trackers: TensorBoard under RUN_DIR/tensorboard, wandb named after the run."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    for name in names:
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", run_dir))
+        elif name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UserError("run.trackers includes 'wandb', but wandb is not installed: pip install 'rewardkit[wandb]'") from None
+            trackers.append(WandBTracker("rewardkit", name=run_dir.name, dir=str(run_dir), config=recipe))
+    return trackers
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:

@@ -177,3 +177,16 @@ def test_warmup_and_cosine_schedule(tmp_path):
     assert lrs[0] < lrs[1] < lrs[2] < lrs[3]  # warming up
     assert lrs[3] == pytest.approx(0.1, rel=1e-6)
     assert lrs[4] > lrs[6] > lrs[9]  # cosine decay
+
+
+def test_wandb_asked_but_not_installed_is_bad_input(tmp_path):
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    recipe = pixels_recipe(tmp_path / "run", steps=1, run={"trackers": ["wandb"]})
+    with pytest.raises(UserError, match="wandb is not installed: pip install 'rewardkit\\[wandb\\]'"):
+        Optimizer.from_recipe(recipe).fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
