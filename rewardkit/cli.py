@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="a recipe file, or the name of an embedded recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. run.steps=100 rewards.color.weight=2")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run directory")
+    p.add_argument(
+        "--num-processes", type=int, default=1, metavar="N",
+        help="data-parallel processes (GPUs; CPU processes with gloo where there are none); the accelerate "
+        "configuration is run.accelerate_config",
+    )
 
     p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     p.add_argument("recipe")
@@ -45,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4, help="number of images (default 4)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "export", parents=[common], help="export a trained generator to diffusers formats",
+        description="Write the trained generator of a run as a diffusers pipeline folder (full weights, LoRA merged) "
+        "or as LoRA weights that diffusers' load_lora_weights reads.",
+    )
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--format", required=True, choices=["diffusers", "lora"])
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
     return parser
 
 
@@ -77,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="rewardkit: %(levelname)s: %(message)s", stream=sys.stderr)
+    # In a multi-process run only rank 0 speaks, except for errors.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR
+    logging.basicConfig(level=level, format="rewardkit: %(levelname)s: %(message)s", stream=sys.stderr)
     for noisy in ("accelerate", "torch", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -90,13 +107,22 @@ def _split_recipe_args(recipe: str | None, overrides: list[str]):
 
 
 def cmd_run(args) -> int:
+    from rewardkit import distributed
     from rewardkit.optimizer import Optimizer
     from rewardkit.plugins import load_registry
     from rewardkit.recipe import load_recipe
 
     recipe_path, overrides = _split_recipe_args(args.recipe, args.overrides)
     recipe = load_recipe(recipe_path, overrides, registry=load_registry(args.plugin))
+    if args.num_processes != 1 and not distributed.launched():
+        config = distributed.check(recipe.run.batch_size, args.num_processes, recipe.run.accelerate_config)
+        child = ["run", *([args.recipe] if args.recipe else []), *args.overrides, *(["--resume"] if args.resume else [])]
+        for path in args.plugin:
+            child += ["--plugin", os.path.abspath(path)]
+        return distributed.launch(child, args.num_processes, config)
     result = Optimizer.from_recipe(recipe).fit(resume=args.resume)
+    if not distributed.is_main_process():
+        return EXIT_OK
     rewards = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in result.metrics.items() if k.startswith("reward/"))
     print(f"done: step {result.step}, {rewards}")
     print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
@@ -149,7 +175,16 @@ def cmd_sample(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample}
+def cmd_export(args) -> int:
+    from rewardkit.export import export
+    from rewardkit.plugins import load_registry
+
+    out = export(args.path, args.format, args.out, registry=load_registry(args.plugin))
+    print(f"exported {args.format} to {out}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

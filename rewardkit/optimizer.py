@@ -124,6 +124,7 @@ class Optimizer:
         run, run_dir = self.run, self.run_dir
         _check_run_dir(run_dir, resume)
         accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers, run_dir, self.recipe()) or None)
+        accelerator.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
         main = accelerator.is_main_process
         world = accelerator.num_processes
         if run.batch_size % world:
@@ -204,7 +205,7 @@ class Optimizer:
                     s = reward(x, prompts).float()
                 (grads[label],) = torch.autograd.grad(s.sum(), x)
                 scores[label] = s.detach()
-            raw_norms = {label: g.flatten(1).norm(dim=1).mean().item() for label, g in grads.items()}
+            raw_norms = {label: accelerator.reduce(g.flatten(1).norm(dim=1).mean(), "mean").item() for label, g in grads.items()}
             t2 = time.perf_counter()
 
             # 4. transform, combine, surrogate loss
@@ -287,6 +288,7 @@ class Optimizer:
                     )
         progress.close()
         metrics.close()
+        accelerator.wait_for_everyone()
         if run.trackers:
             accelerator.end_training()
 

@@ -51,6 +51,8 @@ class RunSection(_Section):
     """Stop after this many consecutive steps with NaN/Inf (each is skipped)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    accelerate_config: str = "ddp"
+    """Multi-process runs (--num-processes N): a shipped accelerate configuration by name, or a path to your own YAML."""
     progress: bool = True
 
 

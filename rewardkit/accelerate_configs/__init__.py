@@ -1,0 +1,1 @@
+"""accelerate configurations shipped with rewardkit, selectable by name."""

@@ -1,0 +1,84 @@
+"""Data parallelism through accelerate, proven with 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import pixels_recipe, run_cli
+from rewardkit import Optimizer
+from rewardkit.cli import main
+from rewardkit.metrics import read_metrics
+
+STEPS = 8
+
+
+def recipe(run_dir, steps=STEPS):
+    return pixels_recipe(
+        run_dir,
+        steps=steps,
+        run={"batch_size": 4, "checkpoint_every": 4, "keep_checkpoints": 5, "trackers": ["tensorboard"]},
+        prompts={"train": ["a", "b", "c", "d", "e", "f"]},
+        rewards={"color": {"target": [0.9, 0.1, 0.1]}, "smoothness": {"scale": 100.0}},
+        regularizers={"normalize_gradients": {}, "weight_l2": {"weight": 0.01}},
+    )
+
+
+def weights(run_dir, step=STEPS):
+    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "generator.safetensors")["logits"]
+
+
+def rewards_of(run_dir):
+    return [(r["step"], r["reward/color"], r["reward/smoothness"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path, write_recipe):
+    single = Optimizer.from_recipe(recipe(tmp_path / "one")).fit()
+    proc = run_cli("run", str(write_recipe(recipe(tmp_path / "two"))), "--num-processes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done: step 8") == 1, "only rank 0 reports"
+
+    torch.testing.assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    two, one = rewards_of(tmp_path / "two"), rewards_of(tmp_path / "one")
+    assert [s for s, *_ in two] == list(range(1, STEPS + 1)), "each step is logged once, by one process"
+    torch.testing.assert_close(torch.tensor([r[1:] for r in two]), torch.tensor([r[1:] for r in one]), rtol=1e-5, atol=1e-6)
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
+    assert single.step == STEPS
+
+
+def test_resume_across_process_counts(tmp_path, write_recipe):
+    straight = tmp_path / "straight"
+    Optimizer.from_recipe(recipe(straight)).fit()
+
+    # 1 process for 4 steps, then 2 processes to the end.
+    Optimizer.from_recipe(recipe(tmp_path / "a", steps=4)).fit()
+    proc = run_cli("run", str(write_recipe(recipe(tmp_path / "a"), "a.toml")), "--resume", "--num-processes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    torch.testing.assert_close(weights(tmp_path / "a"), weights(straight), rtol=1e-5, atol=1e-6)
+
+    # 2 processes for 4 steps, then 1 process to the end.
+    proc = run_cli("run", str(write_recipe(recipe(tmp_path / "b", steps=4), "b.toml")), "--num-processes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    Optimizer.from_recipe(recipe(tmp_path / "b")).fit(resume=True)
+    torch.testing.assert_close(weights(tmp_path / "b"), weights(straight), rtol=1e-5, atol=1e-6)
+    assert [s for s, *_ in rewards_of(tmp_path / "b")] == list(range(1, STEPS + 1))
+
+
+def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, write_recipe, capsys):
+    path = write_recipe(recipe(tmp_path / "run"))
+    cases = [
+        (["--num-processes", "3"], "run.batch_size = 4 does not divide evenly over 3 processes"),
+        (["run.accelerate_config=ddp.yaml", "--num-processes", "2"], "accelerate config ddp.yaml: no such file"),
+        (["run.accelerate_config=dpp", "--num-processes", "2"], "did you mean 'ddp'?"),
+        (["--num-processes", "0"], "--num-processes must be at least 1"),
+    ]
+    if not torch.cuda.is_available():
+        (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\n")
+        cases.append(([f"run.accelerate_config={tmp_path / 'fsdp.yaml'}", "--num-processes", "2"], "needs CUDA GPUs"))
+    for extra, message in cases:
+        code = main(["run", str(path), *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err)
+        assert message in err, (extra, err)
+        assert not (tmp_path / "run").exists()
