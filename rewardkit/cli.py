@@ -60,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", required=True, choices=["diffusers", "lora"])
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+
+    p = sub.add_parser(
+        "eval", parents=[common], help="score generators on a prompt set (the paper's table)",
+        description="Score one or more generators on a prompt set; writes OUT/results.md and OUT/results.json. "
+        "A generator is a run directory, a checkpoint folder, or TYPE:MODEL[,key=value,...] for a base model "
+        "(e.g. sd:runwayml/stable-diffusion-v1-5,num_steps=25,guidance_scale=7.5).",
+    )
+    p.add_argument("generators", nargs="*", metavar="GENERATOR_SPEC")
+    p.add_argument("--prompts", help="prompt file (.txt, .json, .csv) or a folder of per-style .json files")
+    p.add_argument("--metrics", default=None, help="comma list of reward plugins and 'fid' (default: hps,aesthetic,clip,imagereward, plus fid with --reference)")
+    p.add_argument("--reference", help="real images for FID: a folder, or a .safetensors file from --save-reference-stats")
+    p.add_argument("--save-reference-stats", metavar="PATH", help="compute FID statistics of --reference and save them to PATH (.safetensors)")
+    p.add_argument("--fid-weights", metavar="PATH", help="InceptionV3 weights file for FID (default: torch-fidelity's file in the torch hub cache)")
+    p.add_argument("--fid-dims", type=int, default=2048, help="Inception features for FID: 2048 (standard) or 64/192/768 (quick checks only)")
+    p.add_argument("--steps", type=int, help="sampler steps for every generator (default: each generator's own)")
+    p.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--out", default="eval", help="output folder (default ./eval); generated images are cached under OUT/images/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE", help="an option of a metric's reward plugin (repeatable)")
     return parser
 
 
@@ -184,7 +204,39 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export}
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from rewardkit.errors import UserError
+    from rewardkit.evaluation import FID, evaluate
+    from rewardkit.plugins import load_registry
+
+    if args.save_reference_stats:
+        if not args.reference:
+            raise UserError("--save-reference-stats needs --reference DIR, the folder of real images")
+        fid = FID(args.fid_weights, args.fid_dims)
+        fid.add_reference(Path(args.reference), args.batch_size)
+        fid.save_reference(Path(args.save_reference_stats))
+        print(f"saved FID statistics of {args.reference} to {args.save_reference_stats}")
+        if not args.generators:
+            return EXIT_OK
+    if not args.generators or not args.prompts:
+        raise UserError("rewardkit eval needs at least one GENERATOR_SPEC and --prompts FILE")
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError("-n and --batch-size must be at least 1")
+    metrics = args.metrics or ("hps,aesthetic,clip,imagereward" + (",fid" if args.reference else ""))
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    evaluate(
+        args.generators, args.prompts, names, args.out, load_registry(args.plugin), reference=args.reference,
+        steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size,
+        metric_options=args.metric_option, fid_weights=args.fid_weights, fid_dims=args.fid_dims,
+    )
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"written: {Path(args.out) / 'results.md'} and results.json")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

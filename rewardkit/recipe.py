@@ -59,7 +59,7 @@ class RunSection(_Section):
 class PromptsSection(_Section):
     train: list[str] = Field(default_factory=list)
     file: str | None = None
-    """A text file, one prompt per line, relative to the recipe file."""
+    """A prompt file relative to the recipe file: .txt (one per line), .json or .csv (see rewardkit/prompts.py)."""
     sample: list[str] | None = None
     """Prompts of the sample grids (default: the first 4 training prompts)."""
 
@@ -235,15 +235,17 @@ def _plugin_spec(registry, kind: str, where: str, label: str, table: _PluginTabl
 
 
 def _read_prompts(section: PromptsSection, folder: Path, problems: list[str]) -> list[str]:
+    from rewardkit.prompts import read_prompts
+
     prompts = list(section.train)
     if section.file:
         path = Path(section.file)
         if not path.is_absolute():
             path = folder / path
         try:
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as exc:
-            problems.append(f"prompts.file: cannot read {path}: {exc.strerror or exc}")
+            prompts += read_prompts(path)[0]
+        except UserError as exc:
+            problems.append(f"prompts.file: {exc}")
     if not prompts and not problems:
         problems.append("prompts: no training prompts; set prompts.train = [...] or prompts.file = 'prompts.txt'")
     return prompts

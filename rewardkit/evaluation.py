@@ -1,0 +1,377 @@
+"""`rewardkit eval`: score generators on a prompt set, in the layout of the paper's table.
+
+    rewardkit eval runs/r0 sd:runwayml/stable-diffusion-v1-5,num_steps=25,guidance_scale=7.5 \\
+        --prompts prompts.txt --metrics hps,aesthetic,clip,imagereward,fid --reference coco5k/
+
+One row per generator. Images are generated with fixed seeds, saved as PNG
+under OUT/images/<key>/ and reused by later calls with the same generator,
+steps, seed, prompts and count, so re-scoring with another metric never
+regenerates. Every metric scores the saved 8-bit images, so a fresh and a
+cached call give the same numbers.
+
+Metrics are reward plugins by name (aliases: aesthetic -> laion_aesthetic,
+clip -> clip_score) and `fid`, computed by torchmetrics'
+FrechetInceptionDistance (torch-fidelity's InceptionV3) against a folder of
+real images or statistics saved with --save-reference-stats; the same
+implementation on every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rewardkit.errors import UserError, did_you_mean
+from rewardkit.recipe import parse_override
+
+log = logging.getLogger("rewardkit")
+
+ALIASES = {"aesthetic": "laion_aesthetic", "clip": "clip_score"}
+# The paper's Table 1: column title and display scale (HPS and CLIP score are reported x100).
+PAPER_COLUMNS = {"hps": ("HPS", 100.0), "laion_aesthetic": ("Aes", 1.0), "clip_score": ("CLIP score", 100.0), "fid": ("FID", 1.0), "imagereward": ("ImageReward", 1.0)}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SIZE = (299, 299)
+
+
+@dataclass
+class Row:
+    label: str
+    steps: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    by_style: dict[str, dict[str, float]] = field(default_factory=dict)
+    ms_per_image: float | None = None
+    images: str = ""
+
+
+# --- generators ----------------------------------------------------------------
+@dataclass
+class GeneratorSpec:
+    """A run directory / checkpoint, or TYPE:MODEL[,key=value,...] for a base model."""
+
+    text: str
+    label: str
+    identity: dict
+
+    def build(self, registry, prompts: Sequence[str], seed: int):
+        path = Path(self.text)
+        if path.exists():
+            from rewardkit.sampling import load_generator
+
+            return load_generator(path, registry)[0]
+        from rewardkit.options import validate_plugin_options
+
+        kind, _, rest = self.text.partition(":")
+        model, *pairs = rest.split(",")
+        options = {"model": model}
+        for pair in pairs:
+            keys, value = parse_override(pair)
+            options[".".join(keys)] = value
+        cls = registry.get("generator", kind)
+        validate_plugin_options(cls, options, self.text, source=f"generator spec {self.text!r}")
+        generator = cls(**options)
+        generator.setup(list(prompts), seed)
+        return generator.eval()
+
+
+def parse_generator_spec(text: str) -> GeneratorSpec:
+    path = Path(text)
+    if (path / "state.json").is_file() or (path / "recipe.toml").is_file():
+        from rewardkit.checkpoint import latest_checkpoint
+
+        ckpt = path if (path / "state.json").is_file() else latest_checkpoint(path / "checkpoints")
+        if ckpt is None:
+            raise UserError(f"{path} holds no complete checkpoint yet")
+        weights = ckpt / "generator.safetensors"
+        identity = {"checkpoint": str(ckpt.resolve()), "mtime_ns": weights.stat().st_mtime_ns, "size": weights.stat().st_size}
+        label = path.name if ckpt != path else f"{path.parent.parent.name}@{path.name}"
+        return GeneratorSpec(text, label, identity)
+    if ":" in text and not path.exists():
+        return GeneratorSpec(text, text.split(",")[0], {"spec": text})
+    raise UserError(
+        f"generator {text!r}: expected a run directory, a checkpoint folder, or TYPE:MODEL[,key=value,...] "
+        "(e.g. sd:runwayml/stable-diffusion-v1-5,num_steps=25,guidance_scale=7.5)"
+    )
+
+
+# --- images --------------------------------------------------------------------
+def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int | None, seed: int, out: Path, batch_size: int):
+    """PNG files for every (prompt, k), generated once and cached; returns (paths, ms/image or None)."""
+    key_data = {"generator": spec.identity, "steps": steps, "seed": seed, "n": n, "prompts": list(prompts)}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    folder = out / "images" / key
+    manifest = folder / "manifest.json"
+    expanded = [p for p in prompts for _ in range(n)]
+    paths = [folder / f"{i:05d}.png" for i in range(len(expanded))]
+    if manifest.is_file() and all(p.is_file() for p in paths):
+        log.info("%s: reusing %d cached images in %s", spec.label, len(paths), folder)
+        return paths, json.loads(manifest.read_text()).get("ms_per_image"), key
+
+    import time
+
+    from torchvision.utils import save_image
+    from tqdm.auto import tqdm
+
+    from rewardkit.sampling import fixed_noise, generate
+
+    generator = spec.build(registry, prompts, seed)
+    options = generator.sample_options()
+    if steps is not None:
+        options = options.replace(num_steps=steps)
+    noise = fixed_noise(generator, len(expanded), seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    elapsed = 0.0
+    for start in tqdm(range(0, len(expanded), batch_size), desc=f"generating {spec.label}", leave=False):
+        t = time.perf_counter()
+        images = generate(generator, expanded[start : start + batch_size], noise[start : start + batch_size], options, batch_size)
+        elapsed += time.perf_counter() - t
+        for j, img in enumerate(images):
+            save_image(img, paths[start + j])
+    ms = 1000 * elapsed / len(expanded)
+    manifest.write_text(json.dumps({**key_data, "ms_per_image": ms, "label": spec.label}, indent=2))
+    return paths, ms, key
+
+
+def load_images(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images as a float (N, 3, H, W) tensor in [0, 1]; all must share a size unless `size` is given."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    tensors = []
+    for p in paths:
+        t = pil_to_tensor(Image.open(p).convert("RGB")).float() / 255
+        if size is not None and tuple(t.shape[-2:]) != tuple(size):
+            t = resize(t, list(size), antialias=True)
+        tensors.append(t)
+    return torch.stack(tensors)
+
+
+# --- metrics -------------------------------------------------------------------
+def resolve_metrics(names: Sequence[str], registry) -> list[str]:
+    out = []
+    for name in names:
+        name = ALIASES.get(name, name)
+        if name != "fid" and name not in registry.plugins["reward"]:
+            known = sorted(set(registry.names("reward")) | {"fid", *ALIASES})
+            hint = did_you_mean(name, known)
+            install = "" if hint else " (the paper's rewards come with pip install 'rewardkit[all]')"
+            raise UserError(f"--metrics: no reward plugin or metric named '{name}'{hint}{install}; available: {', '.join(known)}")
+        out.append(name)
+    return out
+
+
+def score_rewards(rewards: dict, images: torch.Tensor, prompts: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
+    scores = {}
+    with torch.no_grad():
+        for label, reward in rewards.items():
+            device = next(iter(reward.parameters()), torch.empty(0)).device
+            scores[label] = torch.cat(
+                [reward(images[i : i + batch_size].to(device), list(prompts[i : i + batch_size])).float().cpu() for i in range(0, len(images), batch_size)]
+            )
+    return scores
+
+
+class FID:
+    """torchmetrics' FID with reference statistics that can be saved and reloaded."""
+
+    STATS_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+    DIMS = (64, 192, 768, 2048)
+
+    def __init__(self, weights: str | Path | None = None, dims: int = 2048):
+        """`dims`: which Inception features; 2048 (pool3) is standard FID, the smaller ones are
+        earlier layers (as pytorch-fid's --dims): cheap checks, not comparable with published FIDs."""
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if dims not in self.DIMS:
+            raise UserError(f"--fid-dims must be one of {', '.join(map(str, self.DIMS))}, got {dims}")
+        path = _inception_weights(weights)
+        self.dims = dims
+        self.metric = FrechetInceptionDistance(feature=dims, reset_real_features=False, feature_extractor_weights_path=str(path))
+
+    def add_reference(self, reference: Path, batch_size: int = 32) -> None:
+        if reference.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            from safetensors import safe_open
+
+            stats = load_file(reference)
+            missing = [k for k in self.STATS_KEYS if k not in stats]
+            if missing:
+                raise UserError(f"--reference {reference}: not a statistics file saved by rewardkit eval (missing {missing})")
+            with safe_open(reference, "pt") as f:
+                dims = int((f.metadata() or {}).get("dims", 2048))
+            if dims != self.dims:
+                raise UserError(f"--reference {reference} holds statistics of {dims}-d features, but --fid-dims is {self.dims}")
+            for k in self.STATS_KEYS:
+                setattr(self.metric, k, stats[k])
+            return
+        files = sorted(p for p in reference.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(files) < 2:
+            raise UserError(f"--reference {reference}: needs at least 2 images (.png/.jpg/...), found {len(files)}")
+        for i in range(0, len(files), batch_size):
+            self.metric.update(_inception_input(load_images(files[i : i + batch_size], size=INCEPTION_SIZE)), real=True)
+
+    def save_reference(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: getattr(self.metric, k).contiguous() for k in self.STATS_KEYS}, path, metadata={"features": "torch-fidelity inception-v3-compat", "dims": str(self.dims)})
+
+    def score(self, images: torch.Tensor, batch_size: int = 32) -> float:
+        self.metric.reset()  # fake features only: the reference is kept (reset_real_features=False)
+        for i in range(0, len(images), batch_size):
+            self.metric.update(_inception_input(images[i : i + batch_size]), real=False)
+        return float(self.metric.compute())
+
+
+def _inception_input(images: torch.Tensor) -> torch.Tensor:
+    """Real and generated images take the same path: antialiased resize to 299 px, then 8 bits."""
+    from torchvision.transforms.functional import resize
+
+    if tuple(images.shape[-2:]) != INCEPTION_SIZE:
+        images = resize(images, list(INCEPTION_SIZE), antialias=True)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _inception_weights(path: str | Path | None) -> Path:
+    """The FID InceptionV3 weights: a given file, or torch-fidelity's file in the torch hub cache."""
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        if not path.is_file():
+            raise UserError(
+                f"FID needs the InceptionV3 weights ({INCEPTION_FILE}, from torch-fidelity's releases), which are not in "
+                f"{path.parent}. Download that file on a machine with network access and put it there, "
+                "or pass its location with --fid-weights PATH."
+            )
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--fid-weights {path}: no such file")
+    try:  # torch-fidelity unpickles the file fully: accept only plain tensors
+        torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise UserError(f"--fid-weights {path}: not a plain PyTorch state dict ({type(exc).__name__}); refusing to unpickle it") from None
+    return path
+
+
+# --- the command ---------------------------------------------------------------
+def evaluate(
+    generators: Sequence[str],
+    prompts_path: str | Path,
+    metrics: Sequence[str],
+    out: str | Path,
+    registry,
+    reference: str | Path | None = None,
+    steps: int | None = None,
+    n: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    metric_options: Sequence[str] = (),
+    fid_weights: str | Path | None = None,
+    fid_dims: int = 2048,
+) -> list[Row]:
+    from rewardkit.prompts import read_prompts
+
+    out = Path(out)
+    prompts, styles = read_prompts(prompts_path)
+    metrics = resolve_metrics(metrics, registry)
+    specs = [parse_generator_spec(g) for g in generators]  # all checked before any model loads
+    fid = None
+    if "fid" in metrics:
+        if reference is None:
+            raise UserError("--metrics includes fid, which needs --reference: a folder of real images, or statistics saved with --save-reference-stats")
+        reference = Path(reference)
+        if not reference.exists():
+            raise UserError(f"--reference {reference}: no such file or folder")
+        fid = FID(fid_weights, fid_dims)
+        fid.add_reference(reference)
+    rewards = build_rewards([m for m in metrics if m != "fid"], registry, metric_options)
+
+    rows = []
+    for spec in specs:
+        paths, ms, key = generate_or_reuse(spec, registry, prompts, n, steps, seed, out, batch_size)
+        images = load_images(paths)
+        expanded_prompts = [p for p in prompts for _ in range(n)]
+        expanded_styles = [s for s in styles for _ in range(n)]
+        scores = score_rewards(rewards, images, expanded_prompts, batch_size)
+        row = Row(spec.label, steps if steps is not None else _default_steps(spec, registry), ms_per_image=ms, images=str(paths[0].parent))
+        row.metrics = {label: float(s.mean()) for label, s in scores.items()}
+        if fid is not None:
+            row.metrics["fid"] = fid.score(images)
+        for style in sorted({s for s in expanded_styles if s is not None}):
+            mask = torch.tensor([s == style for s in expanded_styles])
+            row.by_style[style] = {label: float(s[mask].mean()) for label, s in scores.items()}
+        rows.append(row)
+    write_table(rows, metrics, out)
+    return rows
+
+
+def build_rewards(names: Sequence[str], registry, metric_options: Sequence[str]) -> dict:
+    from rewardkit.options import validate_plugin_options
+
+    options: dict[str, dict] = {name: {} for name in names}
+    for text in metric_options:
+        keys, value = parse_override(text)
+        name = ALIASES.get(keys[0], keys[0])
+        if name not in options or len(keys) != 2:
+            raise UserError(f"--metric-option {text!r}: expected METRIC.KEY=VALUE for one of the chosen metrics ({', '.join(names)})")
+        options[name][keys[1]] = value
+    rewards = {}
+    for name in names:
+        cls = registry.get("reward", name)
+        validate_plugin_options(cls, options[name], name, source="--metric-option")
+        rewards[name] = cls(**options[name]).requires_grad_(False).eval()
+    return rewards
+
+
+def _default_steps(spec: GeneratorSpec, registry) -> int | None:
+    from rewardkit.recipe import load_recipe
+
+    path = Path(spec.text)
+    if not path.exists():
+        for pair in spec.text.split(",")[1:]:
+            key, _, value = pair.partition("=")
+            if key.strip() == "num_steps":
+                return int(value)
+        return None
+    run_dir = path if (path / "recipe.toml").is_file() else path.parent.parent
+    recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
+    return getattr(recipe.generator.options, "num_steps", None)
+
+
+def write_table(rows: list[Row], metrics: Sequence[str], out: Path) -> None:
+    """OUT/results.md (the paper's layout) and OUT/results.json (raw values)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = [m for m in PAPER_COLUMNS if m in metrics] + [m for m in metrics if m not in PAPER_COLUMNS]
+    titles = [PAPER_COLUMNS.get(m, (m, 1.0))[0] + (" (x100)" if PAPER_COLUMNS.get(m, ("", 1.0))[1] == 100 else "") for m in ordered]
+    lines = ["| Model | Steps | " + " | ".join(titles) + " | ms / image |", "|---" * (len(ordered) + 3) + "|"]
+    for row in rows:
+        cells = [_fmt(row.metrics.get(m), PAPER_COLUMNS.get(m, (m, 1.0))[1]) for m in ordered]
+        lines.append(f"| {row.label} | {row.steps if row.steps is not None else ''} | " + " | ".join(cells) + f" | {_fmt(row.ms_per_image, 1.0, 1)} |")
+    styles = sorted({s for row in rows for s in row.by_style})
+    if styles:
+        reward_metrics = [m for m in ordered if m != "fid"]
+        for m in reward_metrics:
+            scale = PAPER_COLUMNS.get(m, (m, 1.0))[1]
+            lines += ["", f"{PAPER_COLUMNS.get(m, (m, 1.0))[0]} by style", "", "| Model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
+            for row in rows:
+                lines.append(f"| {row.label} | " + " | ".join(_fmt(row.by_style.get(s, {}).get(m), scale) for s in styles) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    data = {
+        "columns": {m: {"title": PAPER_COLUMNS.get(m, (m, 1.0))[0], "display_scale": PAPER_COLUMNS.get(m, (m, 1.0))[1]} for m in ordered},
+        "rows": [row.__dict__ for row in rows],
+    }
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+
+
+def _fmt(value, scale: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value * scale:.{digits}f}"

@@ -1,0 +1,164 @@
+"""`rewardkit eval`: tables, image cache, FID, prompt formats, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import pixels_recipe
+from rewardkit import Optimizer
+from rewardkit.cli import main
+from rewardkit.evaluation import FID, GeneratorSpec
+from rewardkit.prompts import read_prompts
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random-weight InceptionV3 in torch-fidelity's layout: the real FID code path, offline."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    orig_load, orig_url = fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url = orig_load, orig_url
+    path = tmp_path_factory.mktemp("fid") / "inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_run")
+    recipe = pixels_recipe(
+        root / "run", steps=20, run={"checkpoint_every": 5, "keep_checkpoints": 10},
+        prompts={"train": ["a red square", "a blue square", "a green square"]},
+    )
+    Optimizer.from_recipe(recipe).fit()
+    (root / "prompts.txt").write_text("a red square\na blue square\n\na green square\n")
+    return root
+
+
+def test_two_rows_with_every_metric(trained_run, tmp_path, inception_weights, capsys):
+    run = trained_run / "run"
+    early = run / "checkpoints" / "step_000005"
+    code = main([
+        "eval", str(early), str(run), "--prompts", str(trained_run / "prompts.txt"), "-n", "2",
+        "--metrics", "color,smoothness,fid", "--reference", str(run / "samples"), "--fid-weights", str(inception_weights), "--fid-dims", "64",
+        "--metric-option", "color.target=[0.9,0.1,0.1]", "--out", str(tmp_path / "ev"),
+    ])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "ev" / "results.json").read_text())
+    rows = data["rows"]
+    assert [r["label"] for r in rows] == ["run@step_000005", "run"]
+    for r in rows:
+        assert set(r["metrics"]) == {"color", "smoothness", "fid"}
+        assert all(torch.isfinite(torch.tensor(v)) for v in r["metrics"].values())
+        assert r["ms_per_image"] > 0
+    assert rows[1]["metrics"]["color"] > rows[0]["metrics"]["color"], "the longer-trained generator scores higher on its reward"
+    table = (tmp_path / "ev" / "results.md").read_text()
+    assert table.splitlines()[0] == "| Model | Steps | FID | color | smoothness | ms / image |"
+    assert "| run@step_000005 |" in table and "| run |" in table
+    assert table in out
+
+
+def test_cached_images_are_reused_not_regenerated(trained_run, tmp_path, monkeypatch):
+    args = ["eval", str(trained_run / "run"), "--prompts", str(trained_run / "prompts.txt"), "--out", str(tmp_path / "ev")]
+    assert main([*args, "--metrics", "color"]) == 0
+    images = sorted((tmp_path / "ev" / "images").rglob("*.png"))
+    assert len(images) == 3
+    stamps = [p.stat().st_mtime_ns for p in images]
+
+    def no_generation(*a, **k):
+        raise AssertionError("the generator must not be built again")
+
+    monkeypatch.setattr(GeneratorSpec, "build", no_generation)
+    assert main([*args, "--metrics", "smoothness,color"]) == 0
+    assert [p.stat().st_mtime_ns for p in images] == stamps
+    first_color = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]["metrics"]["color"]
+    assert main([*args, "--metrics", "color"]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]["metrics"]["color"] == first_color
+
+
+def test_fid_of_a_set_against_itself_is_near_zero_and_grows_with_a_shift(inception_weights, tmp_path):
+    from torchvision.utils import save_image
+
+    torch.manual_seed(0)
+    images = torch.rand(24, 3, 32, 32) * 0.5 + 0.25
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, img in enumerate(images):
+        save_image(img, ref / f"{i}.png")
+    fid = FID(inception_weights, dims=64)  # the full path; 64-d features keep the test fast
+    fid.add_reference(ref)
+    reloaded = torch.stack([img for img in images])  # the same pictures, as generated images
+    same = fid.score((reloaded * 255).round() / 255)
+    shifted = fid.score((reloaded + 0.2).clamp(0, 1))
+    assert abs(same) < 1e-2 * shifted and shifted > 0, (same, shifted)
+
+    stats = tmp_path / "ref.safetensors"
+    fid.save_reference(stats)
+    again = FID(inception_weights, dims=64)
+    again.add_reference(stats)
+    with pytest.raises(Exception, match="holds statistics of 64-d features, but --fid-dims is 2048"):
+        FID(inception_weights).add_reference(stats)
+    assert again.score((reloaded + 0.2).clamp(0, 1)) == pytest.approx(shifted, rel=1e-6)
+
+
+def test_save_reference_stats_command(inception_weights, trained_run, tmp_path, capsys):
+    stats = tmp_path / "stats" / "ref.safetensors"
+    assert main(["eval", "--reference", str(trained_run / "run" / "samples"), "--save-reference-stats", str(stats), "--fid-weights", str(inception_weights), "--fid-dims", "64"]) == 0
+    from safetensors.torch import load_file
+
+    assert int(load_file(stats)["real_features_num_samples"]) == len(list((trained_run / "run" / "samples").glob("*.png")))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--metrics", "color,fid"], "needs --reference"),
+        (["--metrics", "color,fid", "--reference", "/nonexistent/coco"], "--reference /nonexistent/coco: no such file or folder"),
+        (["--metrics", "colour"], "did you mean 'color'?"),
+        (["--metrics", "fid", "--reference", ".", "--fid-weights", "/nonexistent.pth"], "--fid-weights /nonexistent.pth: no such file"),
+    ],
+)
+def test_bad_eval_input_exits_2(trained_run, tmp_path, capsys, extra, message):
+    code = main(["eval", str(trained_run / "run"), "--prompts", str(trained_run / "prompts.txt"), "--out", str(tmp_path / "ev"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_generator_spec_exits_2(trained_run, tmp_path, capsys):
+    assert main(["eval", "nonsense", "--prompts", str(trained_run / "prompts.txt"), "--metrics", "color"]) == 2
+    assert "expected a run directory, a checkpoint folder, or TYPE:MODEL" in capsys.readouterr().err
+
+
+def test_prompt_formats(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(["a", {"prompt": "b"}]))
+    (tmp_path / "p.csv").write_text("id,prompt,style\n1,a cat,photo\n2,\"a dog, running\",anime\n")
+    (tmp_path / "styles").mkdir()
+    (tmp_path / "styles" / "photo.json").write_text(json.dumps(["x", "y"]))
+    (tmp_path / "styles" / "anime.json").write_text(json.dumps(["z"]))
+    assert read_prompts(tmp_path / "p.json") == (["a", "b"], [None, None])
+    assert read_prompts(tmp_path / "p.csv") == (["a cat", "a dog, running"], ["photo", "anime"])
+    assert read_prompts(tmp_path / "styles") == (["z", "x", "y"], ["anime", "photo", "photo"])
+    (tmp_path / "bad.csv").write_text("text\nhello\n")
+    with pytest.raises(Exception, match="no 'prompt' column"):
+        read_prompts(tmp_path / "bad.csv")
+
+
+def test_styles_get_their_own_table(trained_run, tmp_path):
+    styles = tmp_path / "styles"
+    styles.mkdir()
+    (styles / "photo.json").write_text(json.dumps(["a red square", "a blue square"]))
+    (styles / "anime.json").write_text(json.dumps(["a green square"]))
+    assert main(["eval", str(trained_run / "run"), "--prompts", str(styles), "--metrics", "color", "--out", str(tmp_path / "ev")]) == 0
+    row = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]
+    assert set(row["by_style"]) == {"photo", "anime"}
+    assert "color by style" in (tmp_path / "ev" / "results.md").read_text()
