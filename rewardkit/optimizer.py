@@ -42,6 +42,23 @@ SAMPLE_SEED_OFFSET = 1_000_003  # grid noise is drawn from seed + this, apart fr
 
 
 @dataclass
+class Evaluation:
+    """Held-out evaluation during training, logged as eval/LABEL next to the training rewards.
+
+    Its prompts and rewards are separate from training (rewards may be
+    non-differentiable), so reward hacking - training reward up, held-out
+    metrics down - shows in the curves.
+    """
+
+    prompts: Sequence[str]
+    rewards: Mapping | Sequence
+    every: int = 0
+    """Every N steps (0: before the first and after the last step only)."""
+    n_per_prompt: int = 1
+    seed: int = 0
+
+
+@dataclass
 class FitResult:
     run_dir: Path
     step: int
@@ -71,6 +88,7 @@ class Optimizer:
         sample_prompts: Sequence[str] | None = None,
         run: RunSection | Mapping | None = None,
         optimizer: OptimizerSection | Mapping | None = None,
+        evaluation: Evaluation | None = None,
     ):
         self.generator = generator
         self.rewards = _labelled(rewards, "rewards")
@@ -82,6 +100,8 @@ class Optimizer:
         self.run = _section(RunSection, run, "run")
         self.optim = _section(OptimizerSection, optimizer, "optimizer")
         self.run_dir = Path(self.run.dir or "runs/rewardkit")
+        self.evaluation = evaluation
+        self.eval_rewards = _labelled(evaluation.rewards, "eval.rewards") if evaluation else {}
         if not self.rewards:
             raise UserError("rewards: at least one reward is needed")
         for label, reward in self.rewards.items():
@@ -104,6 +124,7 @@ class Optimizer:
             sample_prompts=recipe.sample_prompts,
             run=recipe.run,
             optimizer=recipe.optimizer,
+            evaluation=_evaluation(recipe.evaluation),
         )
 
     def recipe(self) -> dict:
@@ -115,6 +136,14 @@ class Optimizer:
             "optimizer": self.optim.model_dump(mode="json", exclude_none=True),
             "rewards": {label: r.recipe_table() for label, r in self.rewards.items()},
             "regularizers": {label: r.recipe_table() for label, r in self.regularizers.items()},
+            **({"eval": self._eval_table()} if self.evaluation else {}),
+        }
+
+    def _eval_table(self) -> dict:
+        ev = self.evaluation
+        return {
+            "every": ev.every, "prompts": list(ev.prompts), "n_per_prompt": ev.n_per_prompt, "seed": ev.seed,
+            "rewards": {label: r.recipe_table() for label, r in self.eval_rewards.items()},
         }
 
     # ------------------------------------------------------------------------------
@@ -138,7 +167,7 @@ class Optimizer:
         gen.to(accelerator.device)
         for reg in self.regularizers.values():
             reg.setup(gen)
-        for reward in self.rewards.values():
+        for reward in [*self.rewards.values(), *self.eval_rewards.values()]:
             reward.requires_grad_(False).eval().to(accelerator.device)
         params = gen.trainable_parameters()
         if not params:
@@ -173,6 +202,8 @@ class Optimizer:
         sample_noise = fixed_noise(gen, len(self.sample_prompts), run.seed + SAMPLE_SEED_OFFSET)
         if start_step == 0 and main:
             save_grid(generate(gen, self.sample_prompts, sample_noise), run_dir / "samples" / "step_000000.png")
+            if self.evaluation:
+                metrics.write({"step": 0, **self._evaluate(gen)})
 
         from tqdm.auto import tqdm
 
@@ -258,6 +289,9 @@ class Optimizer:
                 "time/backward": backward_time,
                 "memory/peak_mb": _peak_memory_mb(accelerator.device),
             }
+            last = step == run.steps
+            if main and self.evaluation and (last or (self.evaluation.every and step % self.evaluation.every == 0)):
+                record.update(self._evaluate(gen))
             if main:
                 metrics.write(record)
                 if run.trackers:
@@ -271,7 +305,6 @@ class Optimizer:
                     f"Each was skipped; the last good checkpoint is {latest_checkpoint(run_dir / 'checkpoints')}. "
                     "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN."
                 )
-            last = step == run.steps
             if main and (last or (run.sample_every and step % run.sample_every == 0)):
                 save_grid(generate(gen, self.sample_prompts, sample_noise), run_dir / "samples" / f"step_{step:06d}.png")
             if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
@@ -301,6 +334,16 @@ class Optimizer:
             _write_json(run_dir / "summary.json", summary)
         return FitResult(run_dir, record.get("step", start_step), record, final)
 
+    def _evaluate(self, gen) -> dict:
+        """Held-out rewards of the current generator, on fixed prompts and noise."""
+        from rewardkit.evaluation import score_rewards
+
+        ev = self.evaluation
+        prompts = [p for p in ev.prompts for _ in range(ev.n_per_prompt)]
+        images = generate(gen, prompts, fixed_noise(gen, len(prompts), ev.seed))
+        scores = score_rewards(self.eval_rewards, images, prompts, batch_size=self.run.batch_size)
+        return {f"eval/{label}": s.mean().item() for label, s in scores.items()}
+
     def _draw_batch(self, rng: torch.Generator, gen, batch_size: int):
         n = len(self.prompts)
         if batch_size <= n:
@@ -323,6 +366,12 @@ def _labelled(items, what: str) -> dict:
             label, k = f"{item.name}_{k}", k + 1
         out[label] = item
     return out
+
+
+def _evaluation(spec) -> Evaluation | None:
+    if spec is None:
+        return None
+    return Evaluation(spec.prompts, {s.label: s.build() for s in spec.rewards}, spec.every, spec.n_per_prompt, spec.seed)
 
 
 def _section(model, value, where: str):

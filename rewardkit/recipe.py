@@ -79,6 +79,19 @@ class _PluginTable(BaseModel):
     type: str | None = None
 
 
+class EvalSection(_Section):
+    """Held-out evaluation during training, with its own rewards (which may be non-differentiable)."""
+
+    every: NonNegativeInt = 0
+    """Evaluate every N steps (0: before the first and after the last step only)."""
+    prompts: list[str] = Field(default_factory=list)
+    file: str | None = None
+    """A prompt file relative to the recipe file (.txt, .json or .csv)."""
+    n_per_prompt: PositiveInt = 1
+    seed: int = 0
+    rewards: dict[str, _PluginTable] = Field(min_length=1)
+
+
 class _RecipeModel(_Section):
     run: RunSection
     prompts: PromptsSection
@@ -86,6 +99,7 @@ class _RecipeModel(_Section):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     rewards: dict[str, _PluginTable] = Field(min_length=1)
     regularizers: dict[str, _PluginTable] = Field(default_factory=dict)
+    eval: EvalSection | None = None
 
     @model_validator(mode="after")
     def _generator_has_type(self):
@@ -118,6 +132,18 @@ class Recipe:
     generator: PluginSpec
     rewards: list[PluginSpec]
     regularizers: list[PluginSpec] = field(default_factory=list)
+    evaluation: "EvalSpec | None" = None
+
+
+@dataclass
+class EvalSpec:
+    """The validated [eval] section: held-out prompts and their reward specs."""
+
+    prompts: list[str]
+    rewards: list[PluginSpec]
+    every: int = 0
+    n_per_prompt: int = 1
+    seed: int = 0
 
 
 def embedded_recipes() -> dict[str, Path]:
@@ -196,6 +222,12 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
     rewards = [_plugin_spec(registry, "reward", f"rewards.{k}", k, t, problems) for k, t in model.rewards.items()]
     regularizers = [_plugin_spec(registry, "regularizer", f"regularizers.{k}", k, t, problems) for k, t in model.regularizers.items()]
     prompts = _read_prompts(model.prompts, folder, problems)
+    evaluation = None
+    if model.eval is not None:
+        ev = model.eval
+        eval_rewards = [_plugin_spec(registry, "reward", f"eval.rewards.{k}", k, t, problems) for k, t in ev.rewards.items()]
+        eval_prompts = _read_prompts(ev, folder, problems, where="eval")
+        evaluation = EvalSpec(eval_prompts, eval_rewards, ev.every, ev.n_per_prompt, ev.seed)
     if problems:
         raise RecipeError(label, problems)
 
@@ -204,7 +236,7 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         stem = Path(label).stem if label != "<dict>" else "rewardkit"
         run = run.model_copy(update={"dir": f"runs/{stem}"})
     sample = model.prompts.sample if model.prompts.sample else prompts[:4]
-    return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers)
+    return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers, evaluation)
 
 
 def _section_errors(problems: list[str]) -> list[str]:
@@ -234,10 +266,10 @@ def _plugin_spec(registry, kind: str, where: str, label: str, table: _PluginTabl
         return None
 
 
-def _read_prompts(section: PromptsSection, folder: Path, problems: list[str]) -> list[str]:
+def _read_prompts(section: PromptsSection | EvalSection, folder: Path, problems: list[str], where: str = "prompts") -> list[str]:
     from rewardkit.prompts import read_prompts
 
-    prompts = list(section.train)
+    prompts = list(section.train if isinstance(section, PromptsSection) else section.prompts)
     if section.file:
         path = Path(section.file)
         if not path.is_absolute():
@@ -245,7 +277,8 @@ def _read_prompts(section: PromptsSection, folder: Path, problems: list[str]) ->
         try:
             prompts += read_prompts(path)[0]
         except UserError as exc:
-            problems.append(f"prompts.file: {exc}")
+            problems.append(f"{where}.file: {exc}")
     if not prompts and not problems:
-        problems.append("prompts: no training prompts; set prompts.train = [...] or prompts.file = 'prompts.txt'")
+        listed = "prompts.train" if where == "prompts" else f"{where}.prompts"
+        problems.append(f"{where}: no prompts; set {listed} = [...] or {where}.file = 'prompts.txt'")
     return prompts

@@ -162,3 +162,48 @@ def test_styles_get_their_own_table(trained_run, tmp_path):
     row = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]
     assert set(row["by_style"]) == {"photo", "anime"}
     assert "color by style" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_eval_inside_training_shows_reward_hacking(tmp_path):
+    """Training on one reward while a held-out metric disagrees: the curves show it."""
+    recipe = pixels_recipe(
+        tmp_path / "run", steps=12,
+        rewards={"color": {"target": [1.0, 0.0, 0.0]}},
+        eval={
+            "every": 4, "prompts": ["a red square"], "n_per_prompt": 1,
+            "rewards": {"blueness": {"type": "color", "target": [0.0, 0.0, 1.0]}, "judge": {"type": "judge"}},
+        },
+    )
+    from rewardkit.plugins import load_registry
+    from rewardkit.recipe import load_recipe
+
+    registry = load_registry([_judge_plugin(tmp_path)])
+    Optimizer.from_recipe(load_recipe(recipe, registry=registry)).fit()
+    from rewardkit.metrics import read_metrics
+
+    history = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [r for r in history if "eval/blueness" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert all("eval/judge" in r for r in evals), "a non-differentiable reward is fine for evaluation"
+    train = [r["reward/color"] for r in history if "reward/color" in r]
+    assert train[-1] > train[0]
+    assert evals[-1]["eval/blueness"] < evals[0]["eval/blueness"], "held-out metric falls while the trained reward rises"
+    saved = load_recipe(tmp_path / "run" / "recipe.toml", registry=registry)
+    assert [s.label for s in saved.evaluation.rewards] == ["blueness", "judge"] and saved.evaluation.every == 4
+
+
+def _judge_plugin(tmp_path):
+    path = tmp_path / "judge.py"
+    path.write_text(
+        "import rewardkit, torch\nfrom rewardkit.rewards.base import Reward\n"
+        "class Judge(Reward):\n    name = 'judge'\n    differentiable = False\n"
+        "    def forward(self, images, prompts):\n        return (images.mean(dim=(1, 2, 3)) > 0.5).float()\n"
+        "@rewardkit.hookimpl\ndef register_rewards(register):\n    register(Judge)\n"
+    )
+    return path
+
+
+def test_eval_section_errors_name_the_key(tmp_path, write_recipe, capsys):
+    recipe = pixels_recipe(tmp_path / "run", eval={"every": 2, "prompts": ["x"], "rewards": {"hsp": {}}})
+    assert main(["validate", str(write_recipe(recipe))]) == 2
+    assert "eval.rewards.hsp.type: no reward plugin named 'hsp'" in capsys.readouterr().err
