@@ -6,8 +6,12 @@ from rewardkit.hookspecs import hookimpl
 @hookimpl
 def register_generators(register):
     from rewardkit.generators.pixels import Pixels
+    from rewardkit.generators.sd import StableDiffusion
+    from rewardkit.generators.sd3 import StableDiffusion3
 
     register(Pixels)
+    register(StableDiffusion)
+    register(StableDiffusion3)
 
 
 @hookimpl
@@ -21,8 +25,12 @@ def register_rewards(register):
 
 @hookimpl
 def register_regularizers(register):
+    from rewardkit.regularizers.intermediate_step import IntermediateStep
     from rewardkit.regularizers.normalize_gradients import NormalizeGradients
+    from rewardkit.regularizers.random_eta import RandomEta
     from rewardkit.regularizers.weight_l2 import WeightL2
 
     register(WeightL2)
     register(NormalizeGradients)
+    register(RandomEta)
+    register(IntermediateStep)

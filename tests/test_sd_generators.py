@@ -1,0 +1,354 @@
+"""The `sd` and `sd3` generators on tiny random-weight pipelines (offline, CPU).
+
+What is checked: with eta = 0 the K-step sampler is diffusers' own DDIM /
+flow-match Euler sampler; with eta > 0 every intermediate keeps the
+schedule's noise level; gradients reach the trainable weights in every
+training mode, through exactly the steps asked for; weight_l2 is the
+distance to the initial weights; a short run raises a reward; load errors
+are clear.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import save_tiny_sd, save_tiny_sd3  # noqa: E402
+
+from rewardkit.errors import UserError  # noqa: E402
+from rewardkit.generators.base import SampleOptions  # noqa: E402
+from rewardkit.generators.sd import StableDiffusion  # noqa: E402
+from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
+
+PROMPTS = ["a red cat", "a photo of a dog"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    return str(save_tiny_sd(tmp_path_factory.mktemp("models") / "sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> str:
+    return str(save_tiny_sd(tmp_path_factory.mktemp("models") / "sd_v", prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    return str(save_tiny_sd3(tmp_path_factory.mktemp("models") / "sd3"))
+
+
+@pytest.fixture(scope="session")
+def models(tiny_sd, tiny_sd3):
+    return {"sd": (StableDiffusion, tiny_sd), "sd3": (StableDiffusion3, tiny_sd3)}
+
+
+def build(cls, model, **options):
+    gen = cls(model=model, **options)
+    gen.setup(PROMPTS, 0)
+    return gen
+
+
+def noise_for(gen, n=2, seed=0):
+    return torch.randn((n, *gen.noise_shape()), generator=torch.Generator().manual_seed(seed))
+
+
+# --- eta = 0: the real samplers ---------------------------------------------------------
+@pytest.mark.parametrize("variant,guidance", [("eps", 1.0), ("eps", 3.0), ("v", 1.0)])
+def test_sd_matches_diffusers_ddim(tiny_sd, tiny_sd_v, variant, guidance):
+    from diffusers import StableDiffusionPipeline
+
+    model = tiny_sd if variant == "eps" else tiny_sd_v
+    gen = build(StableDiffusion, model, guidance_scale=guidance, negative_prompt="blurry")
+    noise = noise_for(gen)
+    with torch.no_grad():
+        ours = gen(PROMPTS, noise, gen.sample_options())
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.scheduler = gen._export_scheduler()  # DDIM, trailing spacing, final alpha 1
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance, negative_prompt=["blurry"] * 2,
+               latents=noise, output_type="pt", height=32, width=32).images
+    assert list(pipe.scheduler.timesteps) == gen.timesteps(4) == [999, 749, 499, 249]
+    assert ours.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert ours.std() > 0.01  # not a constant image that would match anything
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_matches_diffusers_flow_match_euler(tiny_sd3, t5):
+    from diffusers import StableDiffusion3Pipeline
+
+    gen = build(StableDiffusion3, tiny_sd3, guidance_scale=2.0, num_steps=3, text_encoder_3=t5)
+    noise = noise_for(gen)
+    with torch.no_grad():
+        ours = gen(PROMPTS, noise, gen.sample_options())
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, num_inference_steps=3, sigmas=gen.unshifted_sigmas(3), guidance_scale=2.0,
+               latents=noise, output_type="pt", height=16, width=16).images
+    assert ("text_encoder_3" in dict(gen.named_children())) == t5 == (gen.pipe.text_encoder_3 is not None)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert ours.std() > 0.01
+
+
+def test_custom_timesteps_are_used(tiny_sd):
+    gen = build(StableDiffusion, tiny_sd, num_steps=2, timesteps=[900, 300])
+    seen = []
+    gen.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1][0])))
+    with torch.no_grad():
+        gen(PROMPTS[:1], noise_for(gen, 1), gen.sample_options())
+    assert seen == [900, 300]
+
+
+# --- eta > 0: noise levels follow the schedule ------------------------------------------------
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("eta", [0.0, 1.0, "random"])
+def test_intermediate_noise_level_matches_schedule(models, family, eta, monkeypatch):
+    """With an oracle network that knows x0, x_t - alpha_t x0 must have std sigma_t at every step."""
+    cls, model = models[family]
+    gen = build(cls, model, num_steps=4)
+    B = 16
+    x0_true = torch.rand((1, *gen.noise_shape())) * 2 - 1
+
+    def oracle(x, schedule, k, cond):
+        a, s = schedule["alpha"][k], schedule["sigma"][k]
+        return x0_true.expand_as(x), (x - a * x0_true) / s
+
+    monkeypatch.setattr(gen, "_predict", oracle)
+    if eta == "random":
+        eta = torch.rand((B, 4), generator=torch.Generator().manual_seed(1))
+    noise = noise_for(gen, B)
+    trajectory = []
+    with torch.no_grad():
+        gen.sample_latents(["a"] * B, noise, SampleOptions(num_steps=4, eta=eta), trajectory=trajectory)
+    schedule = gen._schedule(4, "cpu")
+    assert len(trajectory) == 4
+    for k, x in enumerate(trajectory):
+        residual = x - schedule["alpha"][k] * x0_true
+        assert residual.std().item() == pytest.approx(schedule["sigma"][k].item(), rel=0.03), f"step {k}"
+        assert residual.mean().abs().item() < 0.05
+    if not isinstance(eta, float) or eta > 0:
+        det = []
+        with torch.no_grad():
+            gen.sample_latents(["a"] * B, noise, SampleOptions(num_steps=4, eta=0.0), trajectory=det)
+        assert (trajectory[-1] - det[-1]).abs().mean() > 0.05  # eta really injects fresh noise
+
+
+def test_step_noise_is_deterministic_and_per_sample(tiny_sd):
+    gen = build(StableDiffusion, tiny_sd)
+    noise = noise_for(gen, 3)
+    opts = SampleOptions(num_steps=4, eta=0.7)
+    with torch.no_grad():
+        a = gen(["x", "y", "z"], noise, opts)
+        b = gen(["x", "y", "z"], noise, opts)
+        single = gen(["y"], noise[1:2], opts)
+        det = gen(["x", "y", "z"], noise, SampleOptions(num_steps=4, eta=0.0))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a[1:2], single, atol=1e-5, rtol=0)
+    assert (a - det).abs().max() > 1e-3
+
+
+# --- gradients in every training mode ---------------------------------------------------------
+MODES = {
+    "all": SampleOptions(num_steps=3),
+    "last": SampleOptions(num_steps=3, grad_steps=1),
+    # R0+: sample 0 supervises step 2, sample 1 step 1; each sample's earlier steps run without gradient
+    "intermediate": SampleOptions(num_steps=3, supervise_step=torch.tensor([2, 1])),
+}
+GRAD_CALLS = {"all": [True] * 3, "last": [False, False, True], "intermediate": [False, True, True]}
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("training", ["lora", "full"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradients_reach_trainable_weights(models, family, training, mode):
+    cls, model = models[family]
+    gen = build(cls, model, training=training, lora_rank=4, gradient_checkpointing=(mode == "all"), eta=0.5)
+    with torch.no_grad():  # LoRA B starts at 0, which hides A's gradient: move off it
+        for n, p in gen.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    calls = []
+    gen.denoiser.register_forward_pre_hook(lambda m, args: calls.append(torch.is_grad_enabled()))
+    images = gen(PROMPTS, noise_for(gen), MODES[mode])
+    assert calls == GRAD_CALLS[mode]  # gradient through exactly the steps asked for
+    (images * torch.linspace(0, 1, images.numel()).view_as(images)).sum().backward()
+    params = dict((n, p) for n, p in gen.named_parameters() if p.requires_grad)
+    assert params and all(("lora_" in n) == (training == "lora") for n in params)
+    assert all(n.startswith(gen.denoiser_name + ".") for n in params)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
+    nonzero = sum(bool(p.grad.abs().sum() > 0) for p in params.values())
+    assert nonzero >= 0.9 * len(params), f"{nonzero}/{len(params)} trainable tensors got a gradient"
+    assert not any(p.grad is not None for n, p in gen.named_parameters() if not p.requires_grad)
+
+
+def test_supervised_step_returns_that_steps_prediction(tiny_sd):
+    gen = build(StableDiffusion, tiny_sd, num_steps=3)
+    noise = noise_for(gen)
+    calls = []
+    gen.unet.register_forward_pre_hook(lambda m, args: calls.append(torch.is_grad_enabled()))
+    gen(PROMPTS, noise, SampleOptions(num_steps=3, supervise_step=1)).sum().backward()
+    assert calls == [False, True]  # R0+: earlier steps without gradient, later steps not run
+    with torch.no_grad():
+        full = gen(PROMPTS, noise, SampleOptions(num_steps=3))
+        last = gen(PROMPTS, noise, SampleOptions(num_steps=3, supervise_step=2))
+        step0 = gen(PROMPTS, noise, SampleOptions(num_steps=3, supervise_step=0))
+        mixed = gen(PROMPTS, noise, SampleOptions(num_steps=3, supervise_step=torch.tensor([0, 2])))
+    torch.testing.assert_close(last, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[0], step0[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], full[1], atol=1e-6, rtol=0)
+    assert (step0 - full).abs().max() > 1e-3
+
+
+# --- weight_l2 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("training", ["lora", "full"])
+def test_weight_l2_zero_at_init_positive_after_a_step(models, family, training):
+    from rewardkit.regularizers.weight_l2 import WeightL2
+
+    cls, model = models[family]
+    gen = build(cls, model, training=training, lora_rank=4, num_steps=2)
+    reg = WeightL2(weight=1.0)
+    reg.setup(gen)
+    assert reg.penalty(gen).item() == 0.0
+    if training == "lora":
+        assert gen._reference == {}  # no copy of the model is held
+    opt = torch.optim.SGD(gen.trainable_parameters(), lr=0.1)
+    gen(PROMPTS, noise_for(gen), gen.sample_options()).mean().backward()
+    opt.step()
+    penalty = reg.penalty(gen)
+    assert penalty.item() > 0 and penalty.requires_grad
+
+
+def test_lora_distance_equals_peft_delta_weights(tiny_sd):
+    gen = build(StableDiffusion, tiny_sd, lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in gen.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    expected = sum((layer.get_delta_weight("default") ** 2).sum() for layer in gen._lora_layers())
+    assert len(gen._lora_layers()) > 0
+    torch.testing.assert_close(gen.squared_distance_to_reference(), expected, rtol=1e-4, atol=0)
+
+
+# --- a short run raises the reward ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_short_run_raises_reward(models, family, tmp_path):
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.regularizers.intermediate_step import IntermediateStep
+    from rewardkit.regularizers.normalize_gradients import NormalizeGradients
+    from rewardkit.regularizers.random_eta import RandomEta
+    from rewardkit.regularizers.weight_l2 import WeightL2
+    from rewardkit.rewards.color import Color
+    from rewardkit.sampling import fixed_noise, generate
+
+    cls, model = models[family]
+    gen = cls(model=model, num_steps=2, lora_rank=4)
+    regs = [WeightL2(weight=1e-3), RandomEta(), NormalizeGradients()]
+    if family == "sd":
+        regs.append(IntermediateStep())  # R0+ on one family, R0 on the other
+    reward = Color(target=(1.0, 0.0, 0.0))
+    opt = Optimizer(gen, [reward], regs, prompts=PROMPTS, sample_prompts=PROMPTS[:1],
+                    run={"steps": 12, "batch_size": 2, "dir": str(tmp_path / "run"), "trackers": [], "progress": False},
+                    optimizer={"lr": 0.05})
+    gen.setup(PROMPTS, 0)  # fit() sets up again; this copy only measures the start
+    noise = fixed_noise(gen, 4, 123)
+    before = reward(generate(gen, PROMPTS * 2, noise), PROMPTS * 2).mean().item()
+    result = opt.fit()
+    after = reward(generate(gen, PROMPTS * 2, noise), PROMPTS * 2).mean().item()
+    assert result.step == 12 and not result.metrics["skipped"]
+    # The tiny random VAE can only reach colours near gray, so the gain is small but systematic.
+    assert after > before + 0.008, (before, after)
+    assert result.metrics["penalty/weight_l2"] > 0
+
+
+# --- load errors ------------------------------------------------------------------------------
+def test_missing_model_is_a_user_error_naming_it(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as err:
+        build(StableDiffusion, "no-such-org/no-such-model")
+    msg = str(err.value)
+    assert "no-such-org/no-such-model" in msg and "huggingface-cli download" in msg and "local" in msg
+
+
+def test_cli_run_with_missing_model_exits_2(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from rewardkit.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[run]\nsteps = 1\ntrackers = []\nprogress = false\n[prompts]\ntrain = ["a"]\n'
+        '[generator]\ntype = "sd3"\nmodel = "no-such-org/sd3-missing"\n[rewards.color]\n'
+    )
+    assert main(["run", str(recipe), f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-org/sd3-missing" in err and "Traceback" not in err
+
+
+def test_local_path_errors(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        build(StableDiffusion, str(tmp_path / "absent"))
+    with pytest.raises(UserError, match="no model_index.json"):
+        build(StableDiffusion, str(tmp_path))
+    (tmp_path / "m.ckpt").write_bytes(b"")
+    with pytest.raises(UserError, match="pickled"):
+        build(StableDiffusion, str(tmp_path / "m.ckpt"))
+    with pytest.raises(UserError, match="no such file"):
+        build(StableDiffusion, str(tmp_path / "m.safetensors"))
+
+
+def test_unsupported_pipeline_and_prediction_type(tiny_sd3, tmp_path):
+    with pytest.raises(UserError, match="supports StableDiffusionPipeline"):
+        build(StableDiffusion, tiny_sd3)
+    sample_model = save_tiny_sd(tmp_path / "x0", prediction_type="sample")
+    with pytest.raises(UserError, match="supports prediction types epsilon, v_prediction"):
+        build(StableDiffusion, str(sample_model))
+
+
+def test_options_are_validated():
+    from rewardkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="sd.timesteps: .*strictly decreasing"):
+        StableDiffusion(model="m", timesteps=[300, 900])
+    with pytest.raises(RecipeError, match="sd3.sigmas"):
+        StableDiffusion3(model="m", sigmas=[1.0, 1.5])
+    with pytest.raises(RecipeError, match="lora_rnak: unknown key .*lora_rank"):
+        StableDiffusion(model="m", lora_rnak=4)
+
+
+# --- precision and decoding options -------------------------------------------------------------
+def test_bf16_frozen_weights_keep_fp32_adapter(tiny_sd):
+    gen = build(StableDiffusion, tiny_sd, weights_dtype="bfloat16", lora_rank=4, num_steps=2)
+    trainable = gen.trainable_parameters()
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert gen.vae.dtype == gen.text_encoder.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for n, p in gen.unet.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        for p in trainable:
+            p.normal_(0, 0.01)
+    images = gen(PROMPTS, noise_for(gen), gen.sample_options())
+    assert images.dtype == torch.float32
+    images.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in trainable) and any(p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_sliced_vae_decode_matches_full(tiny_sd):
+    full, sliced = (build(StableDiffusion, tiny_sd, vae_decode=mode, num_steps=2) for mode in ("full", "sliced"))
+    assert sliced.vae.use_slicing and not full.vae.use_slicing
+    noise = noise_for(full)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(PROMPTS, noise, sliced.sample_options()), full(PROMPTS, noise, full.sample_options()), atol=1e-5, rtol=0)

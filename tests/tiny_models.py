@@ -1,0 +1,172 @@
+"""Tiny random-weight SD 1.x and SD3 pipelines, built offline from small configs.
+
+Nothing is downloaded: the networks come from configs, the tokenizers are
+built in memory (a byte-level CLIP BPE vocabulary with no merges, a small
+T5 unigram vocabulary). `save_tiny_sd` / `save_tiny_sd3` write a diffusers
+folder with `save_pretrained`, which the generators then load like any
+local model. At 16-32 px a 4-step sample takes tens of milliseconds on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    # Byte-level BPE with every byte as a token, alone and word-final: every
+    # string tokenizes, with no merges file. 2 + 512 tokens < vocab_size.
+    # The byte -> printable character map of GPT-2 / CLIP BPE:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"]
+    pieces += [("\u2581" + w, -1.5) for w in ("a", "the", "of", "red", "blue", "cat", "dog", "photo")]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
+
+
+def _clip_text_config(projection_dim: int | None = None, hidden_size: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        layer_norm_eps=1e-5,
+        vocab_size=600,
+        max_position_embeddings=16,
+        projection_dim=projection_dim or hidden_size,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A StableDiffusionPipeline with a 2-level UNet, a 2-level VAE (32 px -> 16x16 latents)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(_clip_text_config())
+    # SD 1.5's scheduler config (scaled_linear betas), with prediction_type as asked.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline: 1-layer MMDiT, 1-level VAE (16 px -> 16x16 latents, patch 2)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    # Two CLIPs of width 16 concatenate to 32 = T5 width = joint_attention_dim;
+    # their projections (32 each) concatenate to pooled_projection_dim = 64.
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(projection_dim=32, hidden_size=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(projection_dim=32, hidden_size=16))
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=_t5_tokenizer(),
+    )
+    return pipe
+
+
+def save_tiny_sd(folder: str | Path, **kwargs) -> Path:
+    folder = Path(folder)
+    tiny_sd_pipeline(**kwargs).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sd3(folder: str | Path, **kwargs) -> Path:
+    folder = Path(folder)
+    tiny_sd3_pipeline(**kwargs).save_pretrained(folder)
+    return folder
