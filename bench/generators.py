@@ -66,7 +66,6 @@ class SavedBytes:
 
 
 def bench_one(cls, model, *, training, mode, checkpointing, size, steps, batch, repeat, device):
-    from rewardkit.generators.base import SampleOptions
     from rewardkit.regularizers.intermediate_step import IntermediateStep
     from rewardkit.regularizers.weight_l2 import WeightL2
     from rewardkit.rewards.color import Color

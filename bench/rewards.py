@@ -1,0 +1,238 @@
+"""Size, time and memory of every reward plugin: forward + backward at batch 4.
+
+    python bench/rewards.py                  # tiny random-weight configs on CPU (as in the tests); markdown table
+    python bench/rewards.py --full --device cuda   # full-size architectures, random weights (no download), on a GPU
+
+Reported per reward:
+- parameters at full size, counted on the meta device (no memory, no download);
+- time: median and minimum wall time of forward + backward (gradient with respect
+  to the images) over --repeat runs after one warm-up (on a shared machine the
+  minimum is the steadier figure);
+- activations: bytes the autograd graph holds for the backward pass (distinct
+  tensors saved for backward, model weights excluded), measured with saved-tensor
+  hooks; exact on CPU, where no allocator statistic exists;
+- on CUDA, also the allocator's peak (torch.cuda.max_memory_allocated).
+
+pyiqa rows appear only when pyiqa is installed (it is optional: non-commercial licence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+BATCH = 4
+PROMPTS = ["a red bicycle leaning on a wall", "two cats on a sofa", "a lighthouse at dusk", "a bowl of ramen"]
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_IR = dict(
+    vision_hidden=64, vision_layers=2, vision_intermediate=128, image_size=32, patch_size=16,
+    text_hidden=64, text_layers=2, text_intermediate=128, vocab_size=30524, max_positions=40,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- full-size parameter counts
+def full_size_params() -> dict[str, int]:
+    counts = {}
+    try:
+        import open_clip
+
+        vit_h = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
+        counts["hps"] = counts["clip_score"] = sum(p.numel() for p in vit_h.parameters())
+        vit_l = open_clip.create_model("ViT-L-14", pretrained=None, device="meta")
+        from rewardkit_clip.rewards import AestheticMLP
+
+        with torch.device("meta"):
+            head = AestheticMLP(768)
+        counts["laion_aesthetic"] = sum(p.numel() for p in vit_l.visual.parameters()) + sum(p.numel() for p in head.parameters())
+    except ImportError:
+        pass
+    try:
+        from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
+
+        with torch.device("meta"):
+            counts["imagereward"] = sum(p.numel() for p in ImageRewardModel(full_size_shapes()).parameters())
+    except ImportError:
+        pass
+    return counts
+
+
+# ----------------------------------------------------------------------------- building the rewards
+def build_tiny(tmp: Path) -> dict:
+    """Every installed reward on tiny random-weight configs, as the tests build them."""
+    rewards = {}
+    try:
+        import open_clip
+        from safetensors.torch import save_file
+
+        (tmp / "rk-bench-tiny.json").write_text(json.dumps(TINY_CLIP))
+        open_clip.add_model_config(tmp)
+        torch.manual_seed(0)
+        model = open_clip.create_model("rk-bench-tiny", pretrained=None)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "clip.safetensors"))
+        from rewardkit_clip.rewards import AestheticMLP, CLIPScore, LAIONAesthetic
+
+        rewards["clip_score"] = CLIPScore(model="rk-bench-tiny", pretrained=str(tmp / "clip.safetensors"))
+        torch.save(AestheticMLP(32).state_dict(), tmp / "aes.pth")
+        rewards["laion_aesthetic"] = LAIONAesthetic(clip_model="rk-bench-tiny", clip_pretrained=str(tmp / "clip.safetensors"), weights=str(tmp / "aes.pth"))
+        torch.save({"state_dict": model.state_dict()}, tmp / "hps.pt")
+        from rewardkit_hps import HPS
+
+        rewards["hps"] = HPS(model="rk-bench-tiny", weights=str(tmp / "hps.pt"))
+    except ImportError:
+        pass
+    try:
+        import rewardkit_imagereward
+        from rewardkit_imagereward.model import ImageRewardModel
+
+        torch.manual_seed(0)
+        net = ImageRewardModel(TINY_IR).eval().requires_grad_(False)
+        rewards["imagereward"] = _imagereward_with(net, tmp)
+    except ImportError:
+        pass
+    try:
+        from rewardkit_pyiqa import PyIQA
+
+        rewards["pyiqa (cnniqa)"] = PyIQA(metric="cnniqa", metric_options={"pretrained": None})
+        rewards["pyiqa (musiq)"] = PyIQA(metric="musiq", metric_options={"pretrained": False})
+    except Exception as exc:  # pyiqa missing (ImportError) or unusable (UserError)
+        print(f"(no pyiqa rows: {type(exc).__name__}: {exc})", file=sys.stderr)
+    return rewards
+
+
+def _imagereward_with(net, tmp: Path):
+    """An ImageReward reward around `net` (random weights), with a stand-in vocabulary."""
+    import rewardkit_imagereward as ir
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w.strip(",").lower() for p in PROMPTS for w in p.split()})
+    (tmp / "vocab.txt").write_text("\n".join(words) + "\n")
+    original = ir.load_model
+    ir.load_model = lambda weights, dtype="float32": net
+    try:
+        return ir.ImageReward(weights="unused", tokenizer=str(tmp / "vocab.txt"))
+    finally:
+        ir.load_model = original
+
+
+def build_full(tmp: Path) -> dict:
+    """Full-size architectures with random weights: no download, for timing on a GPU."""
+    rewards = {}
+    from rewardkit_clip import hub, openclip
+
+    saved = hub.resolve, openclip.resolve_pretrained, openclip.load_model
+    load_model = openclip.load_model
+    hub.resolve = lambda ref, **kw: "unused"
+    openclip.resolve_pretrained = lambda *a, **kw: ("unused", False)
+    openclip.load_model = lambda name, checkpoint, **kw: load_model(name, None, **kw)  # random weights
+    try:
+        import rewardkit_clip.rewards as cr
+        from rewardkit_hps import HPS
+
+        cr.load_aesthetic_head = lambda path: cr.AestheticMLP(768).eval().requires_grad_(False)
+        rewards["hps"] = HPS()
+        rewards["clip_score"] = cr.CLIPScore()
+        rewards["laion_aesthetic"] = cr.LAIONAesthetic()
+    finally:
+        hub.resolve, openclip.resolve_pretrained, openclip.load_model = saved
+    from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
+
+    rewards["imagereward"] = _imagereward_with(ImageRewardModel(full_size_shapes()).eval().requires_grad_(False), tmp)
+    return rewards
+
+
+# ----------------------------------------------------------------------------- measuring
+def saved_activation_bytes(fn, exclude: set[int]) -> tuple[torch.Tensor, int]:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude and ptr not in seen:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def measure(reward, device: str, size: int, repeat: int) -> dict:
+    reward = reward.to(device)
+    weights = {p.untyped_storage().data_ptr() for p in reward.parameters()} | {b.untyped_storage().data_ptr() for b in reward.buffers()}
+    x = torch.rand(BATCH, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def step():
+        xi = x.clone().requires_grad_(True)
+        scores, act = saved_activation_bytes(lambda: reward(xi, PROMPTS[:BATCH]), weights)
+        torch.autograd.grad(scores.sum(), xi)
+        return act
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, act = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        act = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    row = {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times), "activations_mb": act / 2**20}
+    if device == "cuda":
+        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="full-size architectures (random weights) instead of tiny configs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=None, help="input image side (default: 64 tiny, 512 full)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steady timings on a shared machine)")
+    args = parser.parse_args(argv)
+    size = args.size or (512 if args.full else 64)
+    torch.set_num_threads(args.threads)
+    params = full_size_params()
+    with tempfile.TemporaryDirectory() as tmp:
+        rewards = build_full(Path(tmp)) if args.full else build_tiny(Path(tmp))
+        print(f"forward + backward, batch {BATCH}, {size}x{size} images in [0, 1], {'full-size' if args.full else 'tiny'} configs, {args.device} ({args.threads} thread), torch {torch.__version__}\n")
+        cuda = args.device == "cuda"
+        print("| reward | model | input size | parameters (full size) | time median / min (ms) | activations (MB) |" + (" CUDA peak (MB) |" if cuda else ""))
+        print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+        for name, reward in rewards.items():
+            r = measure(reward, args.device, size, args.repeat)
+            key = name.split(" ")[0]
+            p = params.get(key) or (sum(t.numel() for t in reward.parameters()) if key == "pyiqa" else None)
+            model = _describe(name, reward)
+            isz = "x".join(map(str, reward.input_size)) if reward.input_size else "any"
+            line = f"| {name} | {model} | {isz} | {f'{p / 1e6:.1f} M' if p else '?'} | {r['median_ms']:.0f} / {r['min_ms']:.0f} | {r['activations_mb']:.1f} |"
+            if cuda:
+                line += f" {r['cuda_peak_mb']:.0f} |"
+            print(line)
+    return 0
+
+
+def _describe(name: str, reward) -> str:
+    return {
+        "hps": "open_clip ViT-H-14 (HPS v2.1 weights)",
+        "clip_score": "open_clip ViT-H-14 laion2b_s32b_b79k",
+        "laion_aesthetic": "CLIP ViT-L/14 image tower + v2 MLP",
+        "imagereward": "BLIP ViT-L/16 + BERT-base (cross-attn) + MLP",
+    }.get(name, f"pyiqa {getattr(reward.options, 'metric', '')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

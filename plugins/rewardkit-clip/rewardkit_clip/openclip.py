@@ -1,0 +1,110 @@
+"""open_clip models as frozen reward backbones, with tensor preprocessing.
+
+`preprocess` (rewardkit.rewards.preprocess) reproduces open_clip's evaluation transform (resize the shortest
+side with bicubic interpolation, centre crop, normalize) on float tensors, so
+gradients flow back to the pixels. `load_model` builds an open_clip
+architecture, loads weights (an open_clip pretrained tag, a hub reference or
+a local file) and caches the frozen model per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import torch
+
+from rewardkit import weights as hub
+from rewardkit.errors import UserError
+
+DType = Literal["float32", "float16", "bfloat16"]
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+_CACHE: dict[tuple, tuple[torch.nn.Module, object]] = {}
+_LOCK = threading.Lock()
+
+
+def model_preprocess_cfg(model) -> dict:
+    """The model's own preprocessing settings (size, mean, std, interpolation, resize_mode)."""
+    import open_clip
+
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    size = cfg.get("size") or getattr(model, "visual", model).image_size
+    cfg["size"] = size if isinstance(size, int) else tuple(size)
+    return cfg
+
+
+def resolve_pretrained(model_name: str, pretrained: str, *, what: str, option: str) -> tuple[str, bool]:
+    """(local checkpoint path, quick_gelu) for an open_clip tag, a hub reference or a local path."""
+    import open_clip
+
+    looks_like_tag = "/" not in pretrained and not pretrained.startswith(("~", "."))
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if looks_like_tag else {}
+    if cfg:
+        repo = cfg.get("hf_hub", "").strip("/")
+        if not repo:
+            raise UserError(
+                f"{what}: open_clip's pretrained tag '{pretrained}' of {model_name} has no Hugging Face hub copy; "
+                f"download its checkpoint yourself and set `{option}` to the file's path"
+            )
+        path = hub.resolve(repo, what=what, option=option, default_filenames=OPEN_CLIP_FILES)
+        return str(path), bool(cfg.get("quick_gelu", False))
+    return str(hub.resolve(pretrained, what=what, option=option, default_filenames=OPEN_CLIP_FILES)), False
+
+
+def load_model(
+    model_name: str,
+    checkpoint: str | None,
+    *,
+    what: str,
+    quick_gelu: bool = False,
+    dtype: DType = "float32",
+    vision_only: bool = False,
+):
+    """(model, tokenizer): open_clip `model_name` with weights from the local file `checkpoint`.
+
+    With `vision_only`, the model is the image tower alone (``model.visual``)
+    and the tokenizer is None.
+
+    `checkpoint=None` keeps the random initialization (tests, benchmarks).
+    The model is built once per process for each (name, checkpoint, dtype,
+    quick_gelu, vision_only), in eval mode with gradients off.
+    """
+    import open_clip
+
+    key = (model_name, checkpoint, dtype, quick_gelu, vision_only)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        if model_name not in open_clip.list_models():
+            raise UserError(f"{what}: open_clip has no model config '{model_name}'")
+        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+        if checkpoint is not None:
+            load_weights(model, hub.load_state_dict(checkpoint, what=what), what=f"{what} ({checkpoint})")
+        if vision_only:
+            model = model.visual  # the image tower alone: the text tower is not needed
+        model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
+        tokenizer = None if vision_only else open_clip.get_tokenizer(model_name)
+        _CACHE[key] = (model, tokenizer)
+        return model, tokenizer
+
+
+def load_weights(model: torch.nn.Module, state: dict, *, what: str) -> None:
+    """Load `state` into `model`, requiring every tensor of each to match by name and shape."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise UserError(f"{what} do not fit the model: {exc}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{what} do not fit the model: {len(missing)} missing tensors (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def set_grad_checkpointing(model, enable: bool) -> None:
+    """Recompute transformer blocks in the backward pass (open_clip does this in eval mode too)."""
+    visual = getattr(model, "visual", model)
+    visual.set_grad_checkpointing(enable)
+    if getattr(model, "transformer", None) is not None and visual is not model:
+        model.transformer.grad_checkpointing = enable

@@ -1,0 +1,150 @@
+"""`clip_score` and `laion_aesthetic`: rewards on open_clip backbones."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rewardkit.errors import UserError
+from rewardkit.rewards import Reward, RewardOptions
+from rewardkit import weights as hub
+from rewardkit.rewards.preprocess import preprocess
+from rewardkit_clip import openclip
+
+
+class _FrozenBackbone(RewardOptions):
+    dtype: openclip.DType = "float32"
+    """Precision of the reward model: float16 / bfloat16 halve its memory (scores are returned as float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute the transformer blocks during backward: less memory, about one more forward of time."""
+
+
+class CLIPScoreOptions(_FrozenBackbone):
+    model: str = "ViT-H-14"
+    """open_clip architecture name."""
+    pretrained: str = "laion2b_s32b_b79k"
+    """open_clip pretrained tag of `model`, a hub reference 'owner/repo[/file]', or a local checkpoint path."""
+    scale: float = 100.0
+    """Score = scale * cosine(image, prompt); 100 is the usual CLIP-score convention."""
+
+
+class CLIPScore(Reward):
+    """CLIP score: scale * cosine similarity of the image and prompt embeddings.
+
+    Unlike the evaluation metric's max(cos, 0), no clamp: the reward keeps its
+    gradient for images that do not match the prompt at all.
+    """
+
+    name = "clip_score"
+    Options = CLIPScoreOptions
+    input_size = (224, 224)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        what = f"CLIP weights ({o.model}, {o.pretrained})"
+        path, quick_gelu = openclip.resolve_pretrained(o.model, o.pretrained, what=what, option="pretrained")
+        self.model, self.tokenizer = openclip.load_model(o.model, path, what=what, quick_gelu=quick_gelu, dtype=o.dtype)
+        self.pre = openclip.model_preprocess_cfg(self.model)
+        self.input_size = (self.pre["size"],) * 2 if isinstance(self.pre["size"], int) else self.pre["size"]
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        # set per call: the cached model may be shared with a reward that wants the other setting
+        openclip.set_grad_checkpointing(self.model, self.options.gradient_checkpointing)
+        return self.options.scale * clip_cosine(self.model, self.tokenizer, self.pre, images, prompts)
+
+
+def clip_cosine(model, tokenizer, pre: dict, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Cosine similarity (B,) of open_clip image and text embeddings, computed in float32 at the end."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images and {len(prompts)} prompts")
+    dtype = next(model.parameters()).dtype
+    x = preprocess(images.float(), pre["size"], pre["mean"], pre["std"], pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic"))
+    image_features = F.normalize(model.encode_image(x.to(dtype)).float(), dim=-1)
+    tokens = tokenizer(list(prompts)).to(images.device)
+    text_features = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    return (image_features * text_features).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------------
+class AestheticMLP(torch.nn.Module):
+    """The LAION aesthetic predictor v2 head: a linear stack on L2-normalized CLIP image embeddings.
+
+    Layer names match the published checkpoint (layers.0/2/4/6/7; dropouts in
+    between, no activations, as in the original).
+    """
+
+    def __init__(self, in_features: int = 768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(in_features, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+_HEADS: dict[str, AestheticMLP] = {}
+
+
+def load_aesthetic_head(path: str) -> AestheticMLP:
+    if path not in _HEADS:
+        state = hub.load_state_dict(path, what="LAION aesthetic predictor weights")
+        if "layers.0.weight" not in state:
+            raise UserError(f"LAION aesthetic predictor weights: {path} has no 'layers.0.weight': not an aesthetic predictor v2 checkpoint")
+        head = AestheticMLP(state["layers.0.weight"].shape[1])
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UserError(f"LAION aesthetic predictor weights: {path} does not fit the v2 MLP: {exc}") from None
+        _HEADS[path] = head.eval().requires_grad_(False)
+    return _HEADS[path]
+
+
+class AestheticOptions(_FrozenBackbone):
+    weights: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+    """The v2 MLP (sac+logos+ava1-l14-linearMSE): a hub reference 'owner/repo/file' or a local path."""
+    clip_model: str = "ViT-L-14"
+    """open_clip architecture of the image embeddings the MLP was trained on (OpenAI CLIP ViT-L/14)."""
+    clip_pretrained: str = "openai"
+    """open_clip pretrained tag, hub reference or local checkpoint of `clip_model`."""
+
+
+class LAIONAesthetic(Reward):
+    """LAION aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image embedding)), about 1-10."""
+
+    name = "laion_aesthetic"
+    Options = AestheticOptions
+    input_size = (224, 224)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        what = f"CLIP weights ({o.clip_model}, {o.clip_pretrained}) of the aesthetic predictor"
+        path, quick_gelu = openclip.resolve_pretrained(o.clip_model, o.clip_pretrained, what=what, option="clip_pretrained")
+        self.model, _ = openclip.load_model(o.clip_model, path, what=what, quick_gelu=quick_gelu, dtype=o.dtype, vision_only=True)
+        self.pre = openclip.model_preprocess_cfg(self.model)
+        self.input_size = (self.pre["size"],) * 2 if isinstance(self.pre["size"], int) else self.pre["size"]
+        head_path = hub.resolve(o.weights, what="LAION aesthetic predictor weights", option="weights")
+        self.head = load_aesthetic_head(str(head_path))
+        width = self.head.layers[0].in_features
+        out_dim = getattr(self.model, "output_dim", width)
+        if out_dim != width:
+            raise UserError(f"laion_aesthetic: the MLP expects {width}-d embeddings but {o.clip_model} gives {out_dim}-d")
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        openclip.set_grad_checkpointing(self.model, self.options.gradient_checkpointing)
+        dtype = next(self.model.parameters()).dtype
+        p = self.pre
+        x = preprocess(images.float(), p["size"], p["mean"], p["std"], p.get("resize_mode", "shortest"), p.get("interpolation", "bicubic"))
+        features = F.normalize(self.model(x.to(dtype)).float(), dim=-1)
+        return self.head(features).squeeze(-1)
