@@ -45,12 +45,19 @@ def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng
     for f in tmp.iterdir():
         _fsync(f)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Hide a checkpoint first (one rename), then delete it: a kill mid-delete leaves no half checkpoint."""
+    hidden = path.with_name(f".tmp-discard-{path.name}-{os.getpid()}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -135,6 +135,11 @@ def cmd_run(args) -> int:
     recipe_path, overrides = _split_recipe_args(args.recipe, args.overrides)
     recipe = load_recipe(recipe_path, overrides, registry=load_registry(args.plugin))
     if args.num_processes != 1 and not distributed.launched():
+        from pathlib import Path
+
+        from rewardkit.optimizer import check_run_dir
+
+        check_run_dir(Path(recipe.run.dir), args.resume)  # here, not in N processes: one message, exit 2
         config = distributed.check(recipe.run.batch_size, args.num_processes, recipe.run.accelerate_config)
         child = ["run", *([args.recipe] if args.recipe else []), *args.overrides, *(["--resume"] if args.resume else [])]
         for path in args.plugin:

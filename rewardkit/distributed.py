@@ -64,6 +64,13 @@ def check(batch_size: int, num_processes: int, config: str) -> Path | None:
             f"use a batch size that is a multiple of {num_processes}"
         )
     config_path = resolve_config(config)
+    kind = _distributed_type(config_path)
+    if kind not in DATA_PARALLEL:
+        raise UserError(
+            f"run.accelerate_config {config}: distributed_type {kind} is not supported; rewardkit writes sample grids, "
+            "evaluations and checkpoints from the whole generator on rank 0, which sharded training (FSDP, DeepSpeed) "
+            "does not hold. Use data parallelism ('ddp')."
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -76,6 +83,24 @@ def check(batch_size: int, num_processes: int, config: str) -> Path | None:
     if num_processes > torch.cuda.device_count():
         raise UserError(f"--num-processes {num_processes} asks for more processes than the {torch.cuda.device_count()} GPUs here")
     return config_path
+
+
+DATA_PARALLEL = ("NO", "MULTI_GPU", "MULTI_CPU")
+
+
+def _distributed_type(path: Path) -> str:
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"accelerate config {path}: cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"accelerate config {path}: expected a mapping of settings")
+    return str(data.get("distributed_type", "NO")).upper()
 
 
 def launch(rewardkit_args: list[str], num_processes: int, config_path: Path | None) -> int:

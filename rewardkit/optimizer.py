@@ -151,7 +151,7 @@ class Optimizer:
         from accelerate import Accelerator
 
         run, run_dir = self.run, self.run_dir
-        _check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume)
         accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers, run_dir, self.recipe()) or None)
         accelerator.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
         main = accelerator.is_main_process
@@ -185,15 +185,21 @@ class Optimizer:
             gen_state, optim_state, rng_state, state = load_checkpoint(checkpoint)
             gen.load_trainable_state_dict(gen_state)
             optim.load_state_dict(optim_state["optimizer"])
-            schedule.load_state_dict(optim_state["schedule"])
+            if state.get("total_steps", run.steps) == run.steps:
+                schedule.load_state_dict(optim_state["schedule"])
+            else:  # run.steps changed (extending a run): the new schedule, advanced to this step
+                for group in optim.param_groups:
+                    group["lr"] = group["initial_lr"] = self.optim.lr
+                schedule = _lr_schedule(self.optim, optim, run.steps)
+                _fast_forward(schedule, state["step"])
             data_rng.set_state(rng_state["data"])
             torch.set_rng_state(rng_state["torch"])
             start_step, nonfinite_total = state["step"], state["nonfinite_total"]
             log.info("resuming from %s", checkpoint)
         elif resume:
             log.info("nothing to resume in %s: starting from step 0", run_dir)
-        if main:
-            metrics.truncate_after(start_step)
+        if main:  # without a checkpoint nothing is kept, not even a step-0 evaluation line
+            metrics.truncate_after(start_step if checkpoint is not None else -1)
             _write_recipe(run_dir, self.recipe(), resumed=checkpoint is not None)
         model, optim = accelerator.prepare(gen, optim)
         if run.trackers:
@@ -252,17 +258,28 @@ class Optimizer:
                 if p is not None:
                     penalties[label] = p
                     loss = loss + p
+            # Every process must take the same branch, or DDP's collectives mismatch.
             finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
-            param_grad_norm, backward_time = math.nan, 0.0
+            finite = bool(accelerator.gather(torch.tensor([finite], device=accelerator.device)).all())
+            param_grad_norm, backward_time, applied = math.nan, 0.0, False
             if finite:
                 t3 = time.perf_counter()
                 accelerator.backward(loss)
                 backward_time = time.perf_counter() - t3
                 param_grad_norm = float(accelerator.clip_grad_norm_(params, self.optim.max_grad_norm or math.inf))
-                finite = math.isfinite(param_grad_norm)
-            if finite:
-                optim.step()
+                if accelerator.scaler is not None:
+                    # fp16: the grad scaler skips an overflowing step and lowers its scale itself;
+                    # that is routine, not divergence, so it does not count towards the NaN guard.
+                    optim.step()
+                    applied = not optim.step_was_skipped
+                else:
+                    finite = math.isfinite(param_grad_norm)  # the same on every process (all-reduced)
+                    if finite:
+                        optim.step()
+                        applied = True
+            if applied:
                 schedule.step()
+            if finite:
                 consecutive_bad = 0
             else:
                 consecutive_bad += 1
@@ -278,10 +295,10 @@ class Optimizer:
                 **{f"reward/{label}": v for label, v in mean_scores.items()},
                 **{f"grad_norm/{label}": v for label, v in raw_norms.items()},
                 **{f"penalty/{label}": p.item() for label, p in penalties.items()},
-                "loss": loss.item(),
+                "loss": accelerator.reduce(loss.detach(), "mean").item(),
                 "param_grad_norm": param_grad_norm,
                 "lr": schedule.get_last_lr()[0],
-                "skipped": not finite,
+                "skipped": not applied,
                 "nonfinite_total": nonfinite_total,
                 "time/step": t4 - t0,
                 "time/generate": t1 - t_gen,
@@ -316,7 +333,7 @@ class Optimizer:
                         accelerator.unwrap_model(model).trainable_state_dict(),
                         {"optimizer": optim.state_dict(), "schedule": schedule.state_dict()},
                         {"data": data_rng.get_state(), "torch": torch.get_rng_state()},
-                        {"nonfinite_total": nonfinite_total},
+                        {"nonfinite_total": nonfinite_total, "total_steps": run.steps},
                         keep=run.keep_checkpoints,
                     )
         progress.close()
@@ -410,6 +427,15 @@ def _lr_schedule(cfg: OptimizerSection, optim, total_steps: int):
     return SequentialLR(optim, [LinearLR(optim, start_factor=1.0 / (warmup + 1), total_iters=warmup), main], milestones=[warmup])
 
 
+def _fast_forward(schedule, steps: int) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            schedule.step()
+
+
 def _trackers(names: list[str], run_dir: Path, recipe: dict) -> list:
     """accelerate trackers: TensorBoard under RUN_DIR/tensorboard, wandb named after the run."""
     from accelerate.tracking import TensorBoardTracker, WandBTracker
@@ -427,7 +453,8 @@ def _trackers(names: list[str], run_dir: Path, recipe: dict) -> list:
     return trackers
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run never reuses a directory that holds one (UserError); --resume continues it."""
     if resume:
         return
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():

@@ -8,6 +8,7 @@ thing wherever it is set.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +20,15 @@ class PluginOptions(BaseModel):
     """Base of every plugin's `Options`: strict about unknown keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validate_strict(model: type[BaseModel], data):
+    """Validate recipe data without coercion: "10" is not a number, "yes" is not a boolean.
+
+    Goes through JSON so pydantic's strict mode still takes TOML arrays for
+    tuples and integers for floats.
+    """
+    return model.model_validate_json(json.dumps(data, default=str), strict=True)
 
 
 def describe_errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -38,7 +48,8 @@ def describe_errors(exc: ValidationError, model: type[BaseModel], prefix: str = 
             problems.append(f"{key}: required key is missing")
         else:
             found = err.get("input")
-            problems.append(f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}; found {found!r}")
+            msg = str(err["ctx"]["error"]) if kind == "value_error" else err["msg"]  # a validator's own words
+            problems.append(f"{key}: {msg[0].lower()}{msg[1:]}; found {found!r}")
     return problems
 
 

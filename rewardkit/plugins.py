@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,17 @@ def _selected_entry_points():
     wanted = os.environ.get(LOAD_ENV)
     if wanted is None:
         return list(eps)
-    names = {w.strip() for w in wanted.split(",") if w.strip()}
-    return [ep for ep in eps if ep.name in names or (ep.dist and ep.dist.name in names)]
+    names = {_normalize(w) for w in wanted.split(",") if w.strip()}
+    selected = [ep for ep in eps if _normalize(ep.name) in names or (ep.dist and _normalize(ep.dist.name) in names)]
+    found = {_normalize(ep.name) for ep in eps} | {_normalize(ep.dist.name) for ep in eps if ep.dist}
+    for name in sorted(names - found):
+        log.warning("%s names '%s', which is no installed rewardkit plugin (installed: %s)", LOAD_ENV, name, ", ".join(sorted(found)) or "none")
+    return selected
+
+
+def _normalize(name: str) -> str:
+    """Distribution names compare as pip does: case and -_. runs do not matter."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
 def _import_file(path: Path):

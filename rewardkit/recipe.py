@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from rewardkit.errors import RecipeError, UserError, did_you_mean
-from rewardkit.options import describe_errors
+from rewardkit.options import describe_errors, validate_strict
 
 DEFAULT_RECIPE = "pixels_demo"
 """The embedded recipe `rewardkit run` uses when given none."""
@@ -53,6 +53,16 @@ class RunSection(_Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     accelerate_config: str = "ddp"
     """Multi-process runs (--num-processes N): a shipped accelerate configuration by name, or a path to your own YAML."""
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _known_config(cls, value: str) -> str:
+        from rewardkit.distributed import shipped_configs
+
+        if not value.endswith((".yaml", ".yml", ".json")) and value not in shipped_configs():
+            shipped = sorted(shipped_configs())
+            raise ValueError(f"no shipped accelerate config named '{value}'{did_you_mean(value, shipped)}; shipped: {', '.join(shipped)}, or a path to your own .yaml")
+        return value
     progress: bool = True
 
 
@@ -213,7 +223,7 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         registry = load_registry()
 
     try:
-        model = _RecipeModel.model_validate(data)
+        model = validate_strict(_RecipeModel, data)
     except ValidationError as exc:
         raise RecipeError(label, _section_errors(describe_errors(exc, _RecipeModel))) from None
 
@@ -256,11 +266,13 @@ def _plugin_spec(registry, kind: str, where: str, label: str, table: _PluginTabl
     options = dict(table.model_extra or {})
     if name not in registry.plugins[kind]:
         known = ", ".join(registry.names(kind)) or "none"
-        problems.append(f"{where}.type: no {kind} plugin named '{name}'{did_you_mean(name, registry.names(kind))}; registered: {known}")
+        failed = [f for f in registry.failures if f.plugin == name]
+        why = f" (plugin '{name}' from {failed[0].package} failed to load: {failed[0].error})" if failed else ""
+        problems.append(f"{where}.type: no {kind} plugin named '{name}'{why}{did_you_mean(name, registry.names(kind))}; registered: {known}")
         return None
     cls = registry.plugins[kind][name].cls
     try:
-        return PluginSpec(label, cls, cls.Options.model_validate(options))
+        return PluginSpec(label, cls, validate_strict(cls.Options, options))
     except ValidationError as exc:
         problems.extend(describe_errors(exc, cls.Options, where))
         return None

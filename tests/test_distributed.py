@@ -70,15 +70,36 @@ def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, wri
     cases = [
         (["--num-processes", "3"], "run.batch_size = 4 does not divide evenly over 3 processes"),
         (["run.accelerate_config=ddp.yaml", "--num-processes", "2"], "accelerate config ddp.yaml: no such file"),
-        (["run.accelerate_config=dpp", "--num-processes", "2"], "did you mean 'ddp'?"),
+        (["run.accelerate_config=dpp"], "run.accelerate_config: no shipped accelerate config named 'dpp' (did you mean 'ddp'?)"),
         (["--num-processes", "0"], "--num-processes must be at least 1"),
     ]
+    (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\n")
+    cases.append(([f"run.accelerate_config={tmp_path / 'fsdp.yaml'}", "--num-processes", "2"], "distributed_type FSDP is not supported"))
     if not torch.cuda.is_available():
-        (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\n")
-        cases.append(([f"run.accelerate_config={tmp_path / 'fsdp.yaml'}", "--num-processes", "2"], "needs CUDA GPUs"))
+        (tmp_path / "gpus.yaml").write_text("distributed_type: MULTI_GPU\n")
+        cases.append(([f"run.accelerate_config={tmp_path / 'gpus.yaml'}", "--num-processes", "2"], "needs CUDA GPUs"))
+    existing = write_recipe(recipe(tmp_path / "done", steps=1), "done.toml")
+    assert main(["run", str(existing)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(existing), "--num-processes", "2"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
     for extra, message in cases:
         code = main(["run", str(path), *extra])
         err = capsys.readouterr().err
         assert code == 2, (extra, err)
         assert message in err, (extra, err)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_nan_on_one_process_skips_the_step_on_all(tmp_path, write_recipe):
+    """The skip decision is shared: no collective mismatch, the step is skipped everywhere."""
+    from conftest import PLUGIN_FILES
+
+    r = recipe(tmp_path / "run", steps=4)
+    r["rewards"] = {"nan_on_rank_one": {"target": [0.9, 0.1, 0.1]}}
+    plugin = str(PLUGIN_FILES / "nan_on_one_rank.py")
+    proc = run_cli("run", str(write_recipe(r)), "--num-processes", "2", "--plugin", plugin, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    history = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in history if r["skipped"]] == [2]
+    assert history[-1]["nonfinite_total"] == 1

@@ -112,3 +112,18 @@ def test_missing_recipe_file(capsys, tmp_path):
 def test_malformed_override(tmp_path, capsys, write_recipe, override):
     code, err = validate(capsys, write_recipe(pixels_recipe(tmp_path / "r")), override)
     assert_bad_input(code, err, "expected KEY=VALUE")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("run.steps", '"10"'), ("run.progress", '"yes"'), ("run.seed", "true"), ("optimizer.lr", '"0.5"'), ("rewards.color.target", '["1", "0", "0"]')],
+)
+def test_values_are_not_coerced(tmp_path, capsys, write_recipe, key, value):
+    """A string is not a number and "yes" is not a boolean: wrong types are errors, not guesses."""
+    code, err = validate(capsys, write_recipe(pixels_recipe(tmp_path / "r")), f"{key}={value}")
+    assert_bad_input(code, err, key)
+
+
+def test_toml_arrays_and_integers_fill_tuples_and_floats(tmp_path, capsys, write_recipe):
+    code, err = validate(capsys, write_recipe(pixels_recipe(tmp_path / "r")), "optimizer.lr=1", "optimizer.betas=[0.8, 0.9]")
+    assert code == 0, err

@@ -116,3 +116,25 @@ def test_resume_can_extend_a_run(tmp_path):
     extended = Optimizer.from_recipe(pixels_recipe(tmp_path / "a", steps=8)).fit(resume=True)
     straight = Optimizer.from_recipe(pixels_recipe(tmp_path / "b", steps=8)).fit()
     assert comparable([extended.metrics]) == comparable([straight.metrics])
+
+
+def test_extending_a_cosine_run_follows_the_new_schedule(tmp_path):
+    """The LR of an extended cosine run decays over the new length instead of rising past the old end."""
+    cosine = {"lr": 0.1, "schedule": "cosine"}
+    Optimizer.from_recipe(pixels_recipe(tmp_path / "a", steps=4, optimizer=cosine)).fit()
+    Optimizer.from_recipe(pixels_recipe(tmp_path / "a", steps=8, optimizer=cosine)).fit(resume=True)
+    Optimizer.from_recipe(pixels_recipe(tmp_path / "b", steps=8, optimizer=cosine)).fit()
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")][4:]
+    straight = [r["lr"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")][4:]
+    assert lrs == pytest.approx(straight)
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_resume_without_checkpoint_keeps_no_stale_lines(tmp_path):
+    recipe = pixels_recipe(tmp_path / "run", steps=3, eval={"prompts": ["a red square"], "rewards": {"color": {}}})
+    Optimizer.from_recipe(recipe).fit()
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before the first checkpoint
+    Optimizer.from_recipe(recipe).fit(resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]

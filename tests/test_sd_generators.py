@@ -352,3 +352,17 @@ def test_sliced_vae_decode_matches_full(tiny_sd):
     noise = noise_for(full)
     with torch.no_grad():
         torch.testing.assert_close(sliced(PROMPTS, noise, sliced.sample_options()), full(PROMPTS, noise, full.sample_options()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_sampling_is_deterministic_in_every_mode(models, family):
+    """No submodule (LoRA layers included) runs in training mode: the same noise gives the same images."""
+    cls, model = models[family]
+    gen = build(cls, model, training="lora")
+    gen.train()
+    assert not any(m.training for m in gen.denoiser.modules())
+    noise = noise_for(gen)
+    with torch.no_grad():
+        a = gen(["a cat", "a dog"], noise, gen.sample_options())
+        b = gen(["a cat", "a dog"], noise, gen.sample_options())
+    assert torch.equal(a, b)

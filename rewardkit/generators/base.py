@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from rewardkit.errors import UserError
 from rewardkit.options import Configurable
 
 
@@ -82,7 +83,10 @@ class Generator(Configurable, torch.nn.Module):
         expected = {n for n, p in params.items() if p.requires_grad}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"checkpoint does not fit generator '{self.name}': missing {missing[:5]}, unexpected {extra[:5]}")
+            raise UserError(
+                f"the checkpoint does not fit generator '{self.name}' as its recipe builds it: missing {missing[:5]}, "
+                f"unexpected {extra[:5]}; was it written by a run with other generator options?"
+            )
         with torch.no_grad():
             for n, tensor in state.items():
                 params[n].copy_(tensor)

@@ -70,7 +70,6 @@ class DiffusionOptions(PluginOptions):
     lora_rank: PositiveInt = 16
     lora_alpha: PositiveFloat | None = None
     """LoRA scaling numerator (the update is alpha / rank * B A); default: the rank."""
-    lora_dropout: NonNegativeFloat = 0.0
     lora_target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     grad_steps: PositiveInt | None = None
     """Backpropagate through the last k steps only (None: through all of them)."""
@@ -159,7 +158,6 @@ class DiffusionGenerator(Generator):
             config = LoraConfig(
                 r=self.options.lora_rank,
                 lora_alpha=self.options.lora_alpha or self.options.lora_rank,
-                lora_dropout=self.options.lora_dropout,
                 target_modules=list(self.options.lora_target_modules),
                 init_lora_weights=True,  # B = 0: the generator starts exactly at theta_0
             )
@@ -167,6 +165,7 @@ class DiffusionGenerator(Generator):
                 self.denoiser.add_adapter(config)
             except ValueError as exc:
                 raise UserError(f"generator.lora_target_modules {self.options.lora_target_modules}: {exc}") from None
+            self.denoiser.eval()  # the sampler always runs as at inference, adapter layers included
             for n, p in self.denoiser.named_parameters():
                 if "lora_" in n:
                     p.data = p.data.float()  # fp32 master weights for the adapter

@@ -68,7 +68,7 @@ class StableDiffusion(DiffusionGenerator):
         """The K timesteps: the recipe's, or evenly spaced trailing ones (diffusers' formula)."""
         if self.options.timesteps is not None:
             if steps != len(self.options.timesteps):
-                raise ValueError(f"{steps} steps asked, but generator.timesteps lists {len(self.options.timesteps)}")
+                raise UserError(f"{steps} sampler steps asked for, but generator.timesteps lists {len(self.options.timesteps)}")
             return list(self.options.timesteps)
         T = self.train_scheduler.config.num_train_timesteps
         return [int(round(T - k * T / steps)) - 1 for k in range(steps)]

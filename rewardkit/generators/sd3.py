@@ -71,7 +71,7 @@ class StableDiffusion3(DiffusionGenerator):
         """
         if self.options.sigmas is not None:
             if steps != len(self.options.sigmas):
-                raise ValueError(f"{steps} steps asked, but generator.sigmas lists {len(self.options.sigmas)}")
+                raise UserError(f"{steps} sampler steps asked for, but generator.sigmas lists {len(self.options.sigmas)}")
             return list(self.options.sigmas)
         return [(steps - k) / steps for k in range(steps)]
 
