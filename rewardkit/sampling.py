@@ -24,11 +24,12 @@ def fixed_noise(generator, n: int, seed: int, device=None) -> torch.Tensor:
 def generate(generator, prompts: Sequence[str], noise: torch.Tensor, options=None, batch_size: int = 8) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] on the CPU, generated in batches."""
     options = options or generator.sample_options()
+    device = next(generator.parameters(), torch.empty(0)).device
     was_training = generator.training
     generator.eval()
     try:
         chunks = [
-            generator(list(prompts[i : i + batch_size]), noise[i : i + batch_size], options).float().clamp(0, 1).cpu()
+            generator(list(prompts[i : i + batch_size]), noise[i : i + batch_size].to(device), options).float().clamp(0, 1).cpu()
             for i in range(0, len(prompts), batch_size)
         ]
     finally:
@@ -78,4 +79,9 @@ def load_generator(path: str | Path, registry=None):
     generator = recipe.generator.build()
     generator.setup(recipe.prompts, recipe.run.seed)
     generator.load_trainable_state_dict(load_checkpoint(checkpoint)[0])
-    return generator.eval(), recipe, checkpoint
+    return generator.to(default_device()).eval(), recipe, checkpoint
+
+
+def default_device() -> torch.device:
+    """Where inference runs outside training: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
