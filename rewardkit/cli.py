@@ -227,8 +227,8 @@ def cmd_eval(args) -> int:
             return EXIT_OK
     if not args.generators or not args.prompts:
         raise UserError("rewardkit eval needs at least one GENERATOR_SPEC and --prompts FILE")
-    if args.n < 1 or args.batch_size < 1:
-        raise UserError("-n and --batch-size must be at least 1")
+    if args.n < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
+        raise UserError("-n, --batch-size and --steps must be at least 1")
     metrics = args.metrics or ("hps,aesthetic,clip,imagereward" + (",fid" if args.reference else ""))
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     evaluate(

@@ -34,8 +34,9 @@ from rewardkit.recipe import parse_override
 log = logging.getLogger("rewardkit")
 
 ALIASES = {"aesthetic": "laion_aesthetic", "clip": "clip_score"}
-# The paper's Table 1: column title and display scale (HPS and CLIP score are reported x100).
-PAPER_COLUMNS = {"hps": ("HPS", 100.0), "laion_aesthetic": ("Aes", 1.0), "clip_score": ("CLIP score", 100.0), "fid": ("FID", 1.0), "imagereward": ("ImageReward", 1.0)}
+# The paper's Table 1 columns, in order. The reward plugins already report in the paper's units
+# (HPS and CLIP score as 100 x cosine), so values are shown as scored.
+PAPER_COLUMNS = {"hps": "HPS", "laion_aesthetic": "Aes", "clip_score": "CLIP score", "fid": "FID", "imagereward": "ImageReward"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SIZE = (299, 299)
@@ -78,17 +79,17 @@ class GeneratorSpec:
         validate_plugin_options(cls, options, self.text, source=f"generator spec {self.text!r}")
         generator = cls(**options)
         generator.setup(list(prompts), seed)
-        return generator.eval()
+        from rewardkit.sampling import default_device
+
+        return generator.to(default_device()).eval()
 
 
 def parse_generator_spec(text: str) -> GeneratorSpec:
     path = Path(text)
     if (path / "state.json").is_file() or (path / "recipe.toml").is_file():
-        from rewardkit.checkpoint import latest_checkpoint
+        from rewardkit.sampling import resolve_run_path
 
-        ckpt = path if (path / "state.json").is_file() else latest_checkpoint(path / "checkpoints")
-        if ckpt is None:
-            raise UserError(f"{path} holds no complete checkpoint yet")
+        _, ckpt = resolve_run_path(path)
         weights = ckpt / "generator.safetensors"
         identity = {"checkpoint": str(ckpt.resolve()), "mtime_ns": weights.stat().st_mtime_ns, "size": weights.stat().st_size}
         label = path.name if ckpt != path else f"{path.parent.parent.name}@{path.name}"
@@ -315,6 +316,7 @@ def evaluate(
 
 def build_rewards(names: Sequence[str], registry, metric_options: Sequence[str]) -> dict:
     from rewardkit.options import validate_plugin_options
+    from rewardkit.sampling import default_device
 
     options: dict[str, dict] = {name: {} for name in names}
     for text in metric_options:
@@ -327,7 +329,7 @@ def build_rewards(names: Sequence[str], registry, metric_options: Sequence[str])
     for name in names:
         cls = registry.get("reward", name)
         validate_plugin_options(cls, options[name], name, source="--metric-option")
-        rewards[name] = cls(**options[name]).requires_grad_(False).eval()
+        rewards[name] = cls(**options[name]).requires_grad_(False).eval().to(default_device())
     return rewards
 
 
@@ -347,31 +349,25 @@ def _default_steps(spec: GeneratorSpec, registry) -> int | None:
 
 
 def write_table(rows: list[Row], metrics: Sequence[str], out: Path) -> None:
-    """OUT/results.md (the paper's layout) and OUT/results.json (raw values)."""
+    """OUT/results.md (the paper's layout) and OUT/results.json (the same means, unrounded)."""
     out.mkdir(parents=True, exist_ok=True)
     ordered = [m for m in PAPER_COLUMNS if m in metrics] + [m for m in metrics if m not in PAPER_COLUMNS]
-    titles = [PAPER_COLUMNS.get(m, (m, 1.0))[0] + (" (x100)" if PAPER_COLUMNS.get(m, ("", 1.0))[1] == 100 else "") for m in ordered]
+    titles = [PAPER_COLUMNS.get(m, m) for m in ordered]
     lines = ["| Model | Steps | " + " | ".join(titles) + " | ms / image |", "|---" * (len(ordered) + 3) + "|"]
     for row in rows:
-        cells = [_fmt(row.metrics.get(m), PAPER_COLUMNS.get(m, (m, 1.0))[1]) for m in ordered]
-        lines.append(f"| {row.label} | {row.steps if row.steps is not None else ''} | " + " | ".join(cells) + f" | {_fmt(row.ms_per_image, 1.0, 1)} |")
+        cells = [_fmt(row.metrics.get(m)) for m in ordered]
+        lines.append(f"| {row.label} | {row.steps if row.steps is not None else ''} | " + " | ".join(cells) + f" | {_fmt(row.ms_per_image, 1)} |")
     styles = sorted({s for row in rows for s in row.by_style})
-    if styles:
-        reward_metrics = [m for m in ordered if m != "fid"]
-        for m in reward_metrics:
-            scale = PAPER_COLUMNS.get(m, (m, 1.0))[1]
-            lines += ["", f"{PAPER_COLUMNS.get(m, (m, 1.0))[0]} by style", "", "| Model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
-            for row in rows:
-                lines.append(f"| {row.label} | " + " | ".join(_fmt(row.by_style.get(s, {}).get(m), scale) for s in styles) + " |")
+    for m in [m for m in ordered if m != "fid"] if styles else []:
+        lines += ["", f"{PAPER_COLUMNS.get(m, m)} by style", "", "| Model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
+        for row in rows:
+            lines.append(f"| {row.label} | " + " | ".join(_fmt(row.by_style.get(s, {}).get(m)) for s in styles) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    data = {
-        "columns": {m: {"title": PAPER_COLUMNS.get(m, (m, 1.0))[0], "display_scale": PAPER_COLUMNS.get(m, (m, 1.0))[1]} for m in ordered},
-        "rows": [row.__dict__ for row in rows],
-    }
+    data = {"columns": {m: PAPER_COLUMNS.get(m, m) for m in ordered}, "rows": [row.__dict__ for row in rows]}
     (out / "results.json").write_text(json.dumps(data, indent=2))
 
 
-def _fmt(value, scale: float, digits: int = 2) -> str:
+def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value * scale:.{digits}f}"
+    return f"{value:.{digits}f}"

@@ -62,24 +62,31 @@ def load_generator(path: str | Path, registry=None):
     Returns (generator, recipe, checkpoint path), the generator set up exactly
     as in training and with the checkpoint's weights loaded, in eval mode.
     """
-    from rewardkit.checkpoint import latest_checkpoint, load_checkpoint
-    from rewardkit.errors import UserError
+    from rewardkit.checkpoint import load_checkpoint
     from rewardkit.recipe import load_recipe
 
-    path = Path(path)
-    if (path / "state.json").is_file():
-        checkpoint, run_dir = path, path.parent.parent
-    elif (path / "recipe.toml").is_file():
-        run_dir, checkpoint = path, latest_checkpoint(path / "checkpoints")
-        if checkpoint is None:
-            raise UserError(f"{path} holds no complete checkpoint yet; train first, or name a checkpoint folder")
-    else:
-        raise UserError(f"{path} is neither a run directory (with recipe.toml) nor a checkpoint (with state.json)")
+    run_dir, checkpoint = resolve_run_path(path)
     recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
     generator = recipe.generator.build()
     generator.setup(recipe.prompts, recipe.run.seed)
     generator.load_trainable_state_dict(load_checkpoint(checkpoint)[0])
     return generator.to(default_device()).eval(), recipe, checkpoint
+
+
+def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint) for a run directory (its newest checkpoint) or a checkpoint folder."""
+    from rewardkit.checkpoint import latest_checkpoint
+    from rewardkit.errors import UserError
+
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path.parent.parent, path
+    if (path / "recipe.toml").is_file():
+        checkpoint = latest_checkpoint(path / "checkpoints")
+        if checkpoint is None:
+            raise UserError(f"{path} holds no complete checkpoint yet; train first, or name a checkpoint folder")
+        return path, checkpoint
+    raise UserError(f"{path} is neither a run directory (with recipe.toml) nor a checkpoint (with state.json)")
 
 
 def default_device() -> torch.device:
