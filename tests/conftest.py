@@ -52,3 +52,22 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random-weight InceptionV3 in torch-fidelity's layout: the real FID code path, offline."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    orig_load, orig_url = fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url = orig_load, orig_url
+    path = tmp_path_factory.mktemp("fid") / "inception.pth"
+    torch.save(model.state_dict(), path)
+    return path

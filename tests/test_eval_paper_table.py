@@ -35,34 +35,6 @@ BASE_STEPS, TRAINED_STEPS = 8, 2
 PAPER_HEADER = "| Model | Steps | HPS | Aes | CLIP score | FID | ImageReward | ms / image |"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy machine, threads waiting on each other swamp the ms / image
-    of a tiny model (measured: 2 threads, 8 steps 389-706 ms vs 2 steps 575-929 ms; 1 thread 67-115 vs 25)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """Random-weight InceptionV3 in torch-fidelity's layout (as in test_eval.py): the real FID path, offline."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    orig_load, orig_url = fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
-    fe.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        torch.manual_seed(0)
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url = orig_load, orig_url
-    path = tmp_path_factory.mktemp("fid") / "inception.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def metric_options(tmp_path_factory) -> list[str]:
     """--metric-option arguments pointing every paper reward at a tiny random checkpoint."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from rewardkit.errors import UserError
 from rewardkit.rewards import Reward, RewardOptions
 from rewardkit import weights as hub
+from rewardkit.rewards.heads import LinearStackHead
 from rewardkit.rewards.preprocess import preprocess
 from rewardkit_clip import openclip
 
@@ -69,28 +70,8 @@ def clip_cosine(model, tokenizer, pre: dict, images: torch.Tensor, prompts: Sequ
 
 
 # ------------------------------------------------------------------------------------
-class AestheticMLP(torch.nn.Module):
-    """The LAION aesthetic predictor v2 head: a linear stack on L2-normalized CLIP image embeddings.
-
-    Layer names match the published checkpoint (layers.0/2/4/6/7; dropouts in
-    between, no activations, as in the original).
-    """
-
-    def __init__(self, in_features: int = 768):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(in_features, 1024),
-            torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128),
-            torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64),
-            torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+class AestheticMLP(LinearStackHead):
+    """The LAION aesthetic predictor v2 head, on L2-normalized CLIP image embeddings."""
 
 
 _HEADS: dict[str, AestheticMLP] = {}

@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from rewardkit.rewards.heads import LinearStackHead
+
 MEAN = 0.16717362830052426
 STD = 1.0333394966054072
 HEAD_DIM = 64  # BLIP's ViT-L (1024 / 16 heads) and BERT-base (768 / 12 heads) both use 64-wide heads
@@ -59,26 +61,6 @@ def checkpoint_key_to_ours(key: str) -> str | None:
 
 def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {new: v for k, v in state.items() if (new := checkpoint_key_to_ours(k)) is not None}
-
-
-class RewardHead(torch.nn.Module):
-    """ImageReward's MLP: linear layers with dropouts between, no activations (as published)."""
-
-    def __init__(self, in_features: int = 768):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(in_features, 1024),
-            torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128),
-            torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64),
-            torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
 
 
 def full_size_shapes() -> dict:
@@ -134,7 +116,7 @@ class ImageRewardModel(torch.nn.Module):
         )  # fmt: skip
         self.vision = BlipVisionModel(vision)
         self.text = BlipTextModel(text, add_pooling_layer=False)
-        self.mlp = RewardHead(s["text_hidden"])
+        self.mlp = LinearStackHead(s["text_hidden"])  # ImageReward's MLP, as published
         self.image_size = s["image_size"]
         self.checkpointing = False
         for layer in [*self.vision.encoder.layers, *self.text.encoder.layer]:
