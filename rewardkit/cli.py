@@ -149,6 +149,8 @@ def cmd_run(args) -> int:
     if not distributed.is_main_process():
         return EXIT_OK
     rewards = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in result.metrics.items() if k.startswith("reward/"))
+    if result.report:
+        print(result.report)
     print(f"done: step {result.step}, {rewards}")
     print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
     return EXIT_OK

@@ -65,6 +65,8 @@ class FitResult:
     metrics: dict
     """The last step's metrics (as in metrics.jsonl)."""
     checkpoint: Path | None
+    report: str = ""
+    """What the generator reported after training (Generator.after_fit), if anything."""
 
 
 class Optimizer:
@@ -346,10 +348,12 @@ class Optimizer:
             history = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             record = history[-1] if history else {}
         final = latest_checkpoint(run_dir / "checkpoints")
+        report = ""
         if main:
             summary = {"step": record.get("step", start_step), "final_metrics": record, "checkpoint": str(final) if final else None}
             _write_json(run_dir / "summary.json", summary)
-        return FitResult(run_dir, record.get("step", start_step), record, final)
+            report = gen.after_fit(run_dir)
+        return FitResult(run_dir, record.get("step", start_step), record, final, report)
 
     def _evaluate(self, gen) -> dict:
         """Held-out rewards of the current generator, on fixed prompts and noise."""

@@ -70,6 +70,14 @@ class Generator(Configurable, torch.nn.Module):
     def forward(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions) -> torch.Tensor:
         raise NotImplementedError
 
+    def after_fit(self, run_dir) -> str:
+        """A report to print when training ends (e.g. an evaluation table); '' for none.
+
+        Called on the main process with the trained generator, after the final
+        checkpoint is written.
+        """
+        return ""
+
     # --- what gets trained, saved and regularized -------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
