@@ -8,19 +8,25 @@ def register_generators(register):
     from rewardkit.generators.pixels import Pixels
     from rewardkit.generators.sd import StableDiffusion
     from rewardkit.generators.sd3 import StableDiffusion3
+    from rewardkit.testbed.plugins import TestbedGenerator
 
     register(Pixels)
     register(StableDiffusion)
     register(StableDiffusion3)
+    register(TestbedGenerator)
 
 
 @hookimpl
 def register_rewards(register):
     from rewardkit.rewards.color import Color
     from rewardkit.rewards.smoothness import Smoothness
+    from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype, DigitRealism
 
     register(Color)
     register(Smoothness)
+    register(DigitClassifier)
+    register(DigitRealism)
+    register(DigitPrototype)
 
 
 @hookimpl

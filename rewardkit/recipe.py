@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 from rewardkit.errors import RecipeError, UserError, did_you_mean
 from rewardkit.options import describe_errors, validate_strict
 
-DEFAULT_RECIPE = "pixels_demo"
+DEFAULT_RECIPE = "quickstart"
 """The embedded recipe `rewardkit run` uses when given none."""
 
 

@@ -11,8 +11,8 @@ from rewardkit.cli import main
 from rewardkit.metrics import read_metrics
 
 
-def test_embedded_default_recipe_runs_from_any_folder(tmp_path):
-    proc = run_cli("run", "run.steps=6", "run.sample_every=3", cwd=tmp_path)
+def test_embedded_recipe_runs_by_name_from_any_folder(tmp_path):
+    proc = run_cli("run", "pixels_demo", "run.steps=6", "run.sample_every=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "pixels_demo"
     assert "done: step 6" in proc.stdout

@@ -1,0 +1,323 @@
+"""The paper's claims, measured on the embedded digits testbed.
+
+    python bench/paper_claims.py                     # all claims, 3 seeds; writes docs/results.md
+    python bench/paper_claims.py --seeds 0 1 2 --steps 120 --per-digit 20 --out docs/results.md
+
+Every training run is the quickstart recipe (recipes/quickstart.toml) with
+the changes a claim needs, run through the public API (`Optimizer.from_recipe`
+on a recipe dict) for `--steps` steps, then judged by the independent
+evaluator (rewardkit.testbed.evaluate): accuracy, Frechet distance to
+held-out real digits, diversity, milliseconds per image. Each number is the
+mean over seeds, with the sample standard deviation after +-.
+
+(a) R0 at 4 steps vs the teacher at 25 steps with CFG: quality and speed.
+(b) Without weight L2 and random eta (and at a higher learning rate, where
+    hacking shows within the budget): does the trained reward rise while
+    evaluator accuracy falls and the Frechet distance grows?
+(c) Normalized vs raw gradients, with two rewards.
+(d) One, two and three rewards.
+(e) R0 vs R0+ (intermediate supervision): evaluator accuracy per iteration.
+(f) Baselines at equal wall time: DRaFT-K (reward backprop through the last
+    step of a 25-step CFG sampler) and ReNO-style test-time noise
+    optimization of the frozen 4-step teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.toml"
+
+
+# ------------------------------------------------------------------------------ runs
+def base_recipe(seed: int, steps: int, batch: int, run_dir: Path, eval_every: int) -> dict:
+    r = tomllib.loads(QUICKSTART.read_text())
+    r["run"].update(
+        dir=str(run_dir), seed=seed, steps=steps, batch_size=batch, progress=False, trackers=[],
+        sample_every=0, checkpoint_every=eval_every, keep_checkpoints=1000,
+    )
+    r["generator"]["report"] = False
+    return r
+
+
+def variant(r: dict, name: str) -> dict:
+    r = copy.deepcopy(r)
+    regs, rewards = r["regularizers"], r["rewards"]
+    if name == "r0":
+        pass
+    elif name == "no_reg":  # (b): R0 without weight L2 and random eta, at 5x the learning rate
+        regs.pop("weight_l2"), regs.pop("random_eta")
+        r["optimizer"]["lr"] *= 5
+    elif name == "r0_lr5":  # (b)'s control: full R0 at the same 5x learning rate
+        r["optimizer"]["lr"] *= 5
+    elif name == "raw":  # (c)
+        regs.pop("normalize_gradients")
+    elif name == "one_reward":  # (d)
+        rewards.pop("digit_prototype")
+    elif name == "three_rewards":  # (d)
+        rewards["digit_realism"] = {"weight": 1.0}
+    elif name == "r0plus":  # (e)
+        regs["intermediate_step"] = {"per_sample": True}
+        regs["normalize_gradients"] = regs.pop("normalize_gradients")  # keep it last
+    elif name == "draft":  # (f): DRaFT-K, K = 1, through a 25-step CFG sampler, no R0 regularizers
+        r["regularizers"] = {}
+        r["generator"].update(num_steps=25, guidance_scale=2.0, grad_steps=1)
+    else:
+        raise ValueError(name)
+    return r
+
+
+def train_and_evaluate(recipe: dict, ref, per_digit: int, eval_seed: int, every_checkpoint: bool) -> list[dict]:
+    """Fit, then evaluate the final checkpoint (or every checkpoint): one row per evaluated step."""
+    from rewardkit.checkpoint import load_checkpoint
+    from rewardkit.metrics import read_metrics
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.recipe import load_recipe
+    from rewardkit.testbed.evaluate import evaluate_generator
+
+    rec = load_recipe(recipe)
+    opt = Optimizer.from_recipe(rec)
+    t0 = time.perf_counter()
+    result = opt.fit()
+    wall = time.perf_counter() - t0
+    history = read_metrics(Path(recipe["run"]["dir"]) / "metrics.jsonl")
+    ckpts = sorted((Path(recipe["run"]["dir"]) / "checkpoints").glob("step_*"))
+    if not every_checkpoint:
+        ckpts = ckpts[-1:]
+    gen = opt.generator
+    labels = [k for k in history[0] if k.startswith("reward/") and k != "reward/total"]
+    rows = []
+    for ck in ckpts:
+        step = int(ck.name.split("_")[1])
+        gen.load_trainable_state_dict(load_checkpoint(ck)[0])
+        row = evaluate_generator(gen, ref, per_digit, seed=eval_seed)
+        window = [h for h in history if step - 10 < h["step"] <= step]
+        row.update(
+            step=step,
+            train_seconds=sum(h["time/step"] for h in history if h["step"] <= step),
+            **{f"train_{k.split('/')[1]}": statistics.fmean(h[k] for h in window) for k in labels},
+        )
+        rows.append(row)
+    rows[-1]["fit_wall_seconds"] = wall
+    return rows
+
+
+def reno(ref, per_digit: int, eval_seed: int, seconds: float, lr: float = 0.05, reg: float = 0.01) -> dict:
+    """ReNO-style test-time noise optimization of the frozen 4-step teacher, for `seconds` of wall time.
+
+    The evaluation batch's initial noise is the parameter; the same rewards
+    (digit_classifier + digit_prototype) and the same per-reward gradient
+    normalization as R0; a penalty keeps ||z||^2 near its chi-square mean.
+    The whole budget is spent on the evaluation images themselves (ReNO
+    cannot amortize), so its time per image includes the optimization.
+    """
+    from rewardkit.regularizers.normalize_gradients import NormalizeGradients
+    from rewardkit.testbed.evaluate import eval_batch, sample, teacher
+    from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype
+
+    gen = teacher(4, 1.0)
+    prompts, labels, noise = eval_batch(gen, per_digit, eval_seed)
+    rewards = [DigitClassifier().eval().requires_grad_(False), DigitPrototype().eval().requires_grad_(False)]
+    norm = NormalizeGradients()
+    z = noise.clone().requires_grad_(True)
+    optim = torch.optim.Adam([z], lr=lr)
+    d = z[0].numel()
+    t0, iters = time.perf_counter(), 0
+    opts = gen.sample_options()
+    while time.perf_counter() - t0 < seconds:
+        images = gen(prompts, z, opts)
+        x = images.detach().requires_grad_(True)
+        grads = {}
+        for i, rw in enumerate(rewards):
+            (grads[i],) = torch.autograd.grad(rw(x, prompts).sum(), x)
+        g = sum(norm.transform_gradients(grads).values())
+        loss = -(g * images).sum() / len(prompts) + reg * ((z.flatten(1).pow(2).sum(1) - d) ** 2 / d).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        iters += 1
+    opt_seconds = time.perf_counter() - t0
+    images, spi = sample(gen, prompts, z.detach())
+    row = ref.score(images, labels)
+    row["ms_per_image"] = 1000 * (spi + opt_seconds / len(prompts))
+    row["iterations"] = iters
+    return row
+
+
+# ------------------------------------------------------------------------------ tables
+def ms(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    digits = 3 if abs(m) < 10 else 1
+    return f"{m:.{digits}f} +- {s:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def metric_row(name, runs, keys=("accuracy", "frechet", "diversity", "ms_per_image")):
+    return [name] + [ms([r[k] for r in runs]) for k in keys]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--per-digit", type=int, default=20, help="evaluation images per digit")
+    p.add_argument("--eval-every", type=int, default=30, help="checkpoint/evaluation interval of the (e) curves")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    p.add_argument("--only", nargs="*", default=None, help="subset of: a b c d e f")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from rewardkit.testbed.evaluate import EVAL_SEED, Reference, evaluate_generator, teacher
+
+    claims = set(args.only or "abcdef")
+    ref = Reference()
+    root = Path(tempfile.mkdtemp(prefix="rk-claims-"))
+    raw: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    needed = {"r0"}
+    needed |= {"no_reg", "r0_lr5"} if "b" in claims else set()
+    needed |= {"raw"} if "c" in claims else set()
+    needed |= {"one_reward", "three_rewards"} if "d" in claims else set()
+    needed |= {"r0plus"} if "e" in claims else set()
+    needed |= {"draft"} if "f" in claims else set()
+    runs: dict[str, list] = {}
+    for name in ["r0", "r0plus", "no_reg", "r0_lr5", "raw", "one_reward", "three_rewards", "draft"]:
+        if name not in needed:
+            continue
+        runs[name] = []
+        for seed in args.seeds:
+            curve = name in ("r0", "r0plus")
+            steps = args.steps
+            if name == "draft":  # equal wall time: as many steps as fit in R0's training time
+                r0_time = statistics.fmean(r[-1]["train_seconds"] for r in runs["r0"])
+                probe = train_and_evaluate(
+                    variant(base_recipe(seed, 3, args.batch, root / f"probe_{seed}", 3), "draft"), ref, 1, EVAL_SEED + seed, False
+                )
+                steps = max(1, int(r0_time / (probe[-1]["train_seconds"] / 3)))
+            recipe = variant(base_recipe(seed, steps, args.batch, root / f"{name}_{seed}", args.eval_every if curve else steps), name)
+            rows = train_and_evaluate(recipe, ref, args.per_digit, EVAL_SEED + seed, curve)
+            runs[name].append(rows)
+            if args.json:  # keep what is done, should a later run fail
+                args.json.write_text(json.dumps({"runs": runs}, indent=2, default=float))
+            log(f"{name} seed {seed}: {steps} steps, accuracy {rows[-1]['accuracy']:.3f}, frechet {rows[-1]['frechet']:.2f}")
+    raw["runs"] = runs
+    final = {k: [r[-1] for r in v] for k, v in runs.items()}
+
+    teachers = {}
+    for label, steps, cfg in (("teacher, 25 steps, CFG 2", 25, 2.0), ("teacher, 4 steps, untrained", 4, 1.0)):
+        gen = teacher(steps, cfg)
+        teachers[label] = [evaluate_generator(gen, ref, args.per_digit, seed=EVAL_SEED + s) for s in args.seeds]
+        log(f"{label}: accuracy {statistics.fmean(r['accuracy'] for r in teachers[label]):.3f}")
+    raw["teachers"] = teachers
+    if "f" in claims:
+        r0_time = statistics.fmean(r["train_seconds"] for r in final["r0"])
+        final["reno"] = [reno(ref, args.per_digit, EVAL_SEED + s, r0_time) for s in args.seeds]
+        raw["reno"] = final["reno"]
+        log("reno done")
+    real = ref.real_row()
+
+    head = ["generator", "evaluator accuracy", "Frechet distance", "diversity", "ms / image"]
+    sections = []
+    n = len(args.seeds)
+    if "a" in claims:
+        rows = [metric_row(k, v) for k, v in teachers.items()] + [metric_row(f"R0, 4 steps ({args.steps} steps of training)", final["r0"])]
+        rows.append(["real digits (split A), reference", f"{real['accuracy']:.3f}", f"{real['frechet']:.2f}", f"{real['diversity']:.3f}", "-"])
+        speed = statistics.fmean(r["ms_per_image"] for r in teachers["teacher, 25 steps, CFG 2"]) / statistics.fmean(r["ms_per_image"] for r in final["r0"])
+        sections.append(("(a) R0 at 4 steps vs the teacher at 25 steps with CFG", table(head, rows) + f"\n\nSpeed-up of R0 over the teacher with CFG: {speed:.1f}x per image."))
+    if "b" in claims:
+        h = ["run", "trained reward (classifier, last 10 steps)", "evaluator accuracy", "Frechet distance", "diversity"]
+        rows = []
+        for k, label in (("r0", "R0"), ("r0_lr5", "R0, 5x learning rate"), ("no_reg", "no weight L2, no random eta, 5x learning rate")):
+            rows.append([label, ms([r["train_digit_classifier"] for r in final[k]])] + [ms([r[m] for r in final[k]]) for m in ("accuracy", "frechet", "diversity")])
+        sections.append(("(b) Reward hacking without weight regularization and random eta", table(h, rows)))
+    if "c" in claims:
+        h = ["gradients", "evaluator accuracy", "Frechet distance", "diversity", "classifier reward", "prototype reward"]
+        rows = [[label] + [ms([r[m] for r in final[k]]) for m in ("accuracy", "frechet", "diversity", "train_digit_classifier", "train_digit_prototype")]
+                for k, label in (("r0", "normalized per reward (R0)"), ("raw", "raw (summed as they come)"))]
+        sections.append(("(c) Normalized vs raw gradients, two rewards", table(h, rows)))
+    if "d" in claims:
+        rows = [metric_row(label, final[k]) for k, label in (("one_reward", "1: classifier"), ("r0", "2: + prototype"), ("three_rewards", "3: + realism"))]
+        sections.append(("(d) One, two and three rewards", table(head, rows)))
+    if "e" in claims:
+        steps_e = [r["step"] for r in runs["r0"][0]]
+        h = ["iteration"] + [str(s) for s in steps_e]
+        rows = []
+        for k, label in (("r0", "R0"), ("r0plus", "R0+ (intermediate step)")):
+            rows.append([f"{label}: accuracy"] + [ms([run[i]["accuracy"] for run in runs[k]]) for i in range(len(steps_e))])
+            rows.append([f"{label}: Frechet"] + [ms([run[i]["frechet"] for run in runs[k]]) for i in range(len(steps_e))])
+            rows.append([f"{label}: train seconds"] + [ms([run[i]["train_seconds"] for run in runs[k]]) for i in range(len(steps_e))])
+        sections.append(("(e) R0 vs R0+ convergence (evaluator, per training iteration)", table(h, rows)))
+    if "f" in claims:
+        rows = [metric_row(label, final[k]) for k, label in (("r0", "R0 (4 steps)"), ("draft", "DRaFT-K, K=1 (25 steps + CFG)"), ("reno", "ReNO-style noise optimization (4 steps, frozen)"))]
+        draft_steps = [r["step"] for r in final["draft"]]
+        note = (f"\n\nEqual wall time: each method got R0's training time ({ms([r['train_seconds'] for r in final['r0']])} s). "
+                f"DRaFT-K ran {min(draft_steps)}-{max(draft_steps)} steps in it; ReNO spent it optimizing the evaluation images' noise "
+                f"({ms([r['iterations'] for r in final['reno']])} iterations over all {10 * args.per_digit} images), so its ms / image includes that optimization.")
+        sections.append(("(f) Baselines at equal wall time", table(head, rows) + note))
+
+    total = time.perf_counter() - t_start
+    cmd = "python bench/paper_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = [
+        f"<!-- written by `{cmd.strip()}` in {total / 60:.1f} min -->",
+        f"Seeds {args.seeds} ({n} runs per row; mean +- sample standard deviation), {args.steps} training steps of batch {args.batch}, "
+        f"{10 * args.per_digit} evaluation images per run ({args.per_digit} per digit), torch threads {args.threads}. "
+        f"Whole script: {total / 60:.1f} min.",
+    ]
+    for title, body in sections:
+        text += ["", f"### {title}", "", body]
+    block = "\n".join(text) + "\n"
+    print(block)
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=2, default=float))
+    if args.out:
+        _write_block(args.out, block)
+    return 0
+
+
+BEGIN, END = "<!-- paper_claims:begin -->", "<!-- paper_claims:end -->"
+
+
+def _write_block(path: Path, block: str) -> None:
+    """Replace the measured block of docs/results.md, keeping the hand-written text around it."""
+    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
