@@ -13,20 +13,11 @@ from pathlib import Path
 
 
 def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-
     # Byte-level BPE with every byte as a token, alone and word-final: every
-    # string tokenizes, with no merges file. 2 + 512 tokens < vocab_size.
-    # The byte -> printable character map of GPT-2 / CLIP BPE:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
-    extra = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    # string tokenizes with no merges file (2 + 512 tokens < vocab_size).
+    from rewardkit.testbed.models import clip_tokenizer
+
+    return clip_tokenizer(max_length=16)
 
 
 def _t5_tokenizer():

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 TOKENIZER_MAX_LENGTH = 40
 
 
-def clip_tokenizer():
+def clip_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     """A character-level CLIP BPE tokenizer built in memory (no vocabulary download).
 
     Every printable byte is a token, alone and word-final ("7</w>"), with no
@@ -34,7 +33,7 @@ def clip_tokenizer():
         vocab[c] = len(vocab)
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
 def text_encoder():
