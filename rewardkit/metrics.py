@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from rewardkit.checkpoint import write_text_atomic
 
 
 class MetricsLog:
@@ -31,9 +32,7 @@ class MetricsLog:
             if record.get("step", math.inf) > step:
                 break
             kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self._file is None:

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import torch
 from pydantic import ValidationError
 
-from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from rewardkit.errors import RecipeError, TrainingDiverged, UserError
 from rewardkit.metrics import MetricsLog, read_metrics
 from rewardkit.options import describe_errors
@@ -480,9 +480,7 @@ def _write_recipe(run_dir: Path, recipe: dict, resumed: bool) -> None:
         after = _flatten(tomllib.loads(text))
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         log.warning("resuming with a recipe that differs from the saved one in: %s", ", ".join(changed))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def _drop_empty(d: dict) -> dict:
@@ -498,9 +496,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
 
 
 def _peak_memory_mb(device: torch.device) -> float:
