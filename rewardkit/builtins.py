@@ -32,6 +32,7 @@ def register_rewards(register):
 @hookimpl
 def register_regularizers(register):
     from rewardkit.regularizers.intermediate_step import IntermediateStep
+    from rewardkit.regularizers.noise_norm import NoiseNorm
     from rewardkit.regularizers.normalize_gradients import NormalizeGradients
     from rewardkit.regularizers.random_eta import RandomEta
     from rewardkit.regularizers.weight_l2 import WeightL2
@@ -40,3 +41,4 @@ def register_regularizers(register):
     register(NormalizeGradients)
     register(RandomEta)
     register(IntermediateStep)
+    register(NoiseNorm)

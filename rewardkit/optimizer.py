@@ -222,8 +222,8 @@ class Optimizer:
             t0 = time.perf_counter()
 
             # 1. prompts and noise: every process draws the global batch, then takes its shard
-            prompts, noise = self._draw_batch(data_rng, gen, run.batch_size)
-            options = gen.sample_options()
+            prompts, index, noise = self._draw_batch(data_rng, gen, run.batch_size)
+            options = gen.sample_options().replace(prompt_index=index)
             for reg in self.regularizers.values():
                 options = reg.adjust_sampling(options, len(prompts), data_rng)
             shard = slice(accelerator.process_index * run.batch_size // world, (accelerator.process_index + 1) * run.batch_size // world)
@@ -372,7 +372,7 @@ class Optimizer:
         else:
             idx = torch.randint(n, (batch_size,), generator=rng)
         noise = torch.randn((batch_size, *gen.noise_shape()), generator=rng)
-        return [self.prompts[i] for i in idx.tolist()], noise
+        return [self.prompts[i] for i in idx.tolist()], idx, noise
 
 
 # ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ METHODS = {
     "r0plus_sd15": "sd",
     "r0_sd3": "sd3",
     "draft_k_sd15": "sd",
+    "reno_sd_turbo": "sd",
 }
 PAPER_REWARDS = {"hps", "imagereward", "clip_score"}
 CHEAP = {"hps": "color", "imagereward": "smoothness", "clip_score": "color"}
@@ -59,6 +60,13 @@ def test_method_recipes_are_r0(name):
     assert {"weight_l2", "random_eta", "normalize_gradients"} <= set(regs)
     assert ("intermediate_step" in regs) == name.startswith("r0plus")
     assert recipe.generator.options.num_steps == 4
+
+
+def test_reno_recipe_optimizes_noise_of_a_frozen_model():
+    recipe = _load(REPO / "recipes" / "reno_sd_turbo.toml")
+    assert recipe.generator.options.training == "noise"
+    assert {s.cls.name for s in recipe.rewards} == PAPER_REWARDS
+    assert [s.cls.name for s in recipe.regularizers] == ["noise_norm", "normalize_gradients"]
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,16 @@ class SampleOptions:
         without gradient. A (B,) tensor picks one step per sample.
     grad_steps: backpropagate through the last `grad_steps` steps only
         (None: through all of them).
+    prompt_index: (B,) positions of the batch's prompts in the training
+        prompt list, set by the optimizer during training (None otherwise);
+        generators with per-prompt parameters (optimized noise) use it.
     """
 
     num_steps: int | None = None
     eta: float | torch.Tensor = 0.0
     supervise_step: int | torch.Tensor | None = None
     grad_steps: int | None = None
+    prompt_index: torch.Tensor | None = None
 
     def replace(self, **changes) -> "SampleOptions":
         return replace(self, **changes)
@@ -69,6 +73,11 @@ class Generator(Configurable, torch.nn.Module):
 
     def forward(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions) -> torch.Tensor:
         raise NotImplementedError
+
+    def optimized_noise(self) -> torch.Tensor | None:
+        """The trainable input noise (one row per training prompt), for generators that optimize
+        their noise (ReNO-style); None for those that optimize weights."""
+        return None
 
     def after_fit(self, run_dir) -> str:
         """A report to print when training ends (e.g. an evaluation table); '' for none.

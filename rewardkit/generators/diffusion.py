@@ -65,8 +65,10 @@ class DiffusionOptions(PluginOptions):
     """Classifier-free guidance scale; 1 disables guidance (one network call per step)."""
     negative_prompt: str = ""
     """The unconditional prompt of classifier-free guidance."""
-    training: Literal["lora", "full"] = "lora"
-    """'lora': train a peft LoRA adapter on the denoiser; 'full': train every denoiser weight."""
+    training: Literal["lora", "full", "noise"] = "lora"
+    """'lora': train a peft LoRA adapter on the denoiser; 'full': train every denoiser weight;
+    'noise': keep every weight frozen and optimize one input noise per training prompt
+    (test-time noise optimization, ReNO-style)."""
     lora_rank: PositiveInt = 16
     lora_alpha: PositiveFloat | None = None
     """LoRA scaling numerator (the update is alpha / rank * B A); default: the rank."""
@@ -170,7 +172,7 @@ class DiffusionGenerator(Generator):
                 if "lora_" in n:
                     p.data = p.data.float()  # fp32 master weights for the adapter
                     p.requires_grad_(True)
-        else:
+        elif self.options.training == "full":
             self.denoiser.float().requires_grad_(True)
 
         if self.options.gradient_checkpointing:
@@ -188,6 +190,25 @@ class DiffusionGenerator(Generator):
         self.width = self.options.width or native
         if self.height % factor or self.width % factor:
             raise UserError(f"generator.height / width must be multiples of {factor} for {self.options.model}; got {self.height} x {self.width}")
+        if self.options.training == "noise":
+            self._setup_noise_table(prompts, seed)
+
+    def _setup_noise_table(self, prompts: Sequence[str], seed: int) -> None:
+        """One trainable input noise per training prompt, drawn from N(0, I) with the run's seed.
+
+        A prompt that occurs several times in the list gets one noise per
+        occurrence (the optimizer says which through SampleOptions.prompt_index).
+        """
+        if not prompts:
+            raise UserError("generator.training = 'noise' optimizes one noise per training prompt, and there are no prompts")
+        if self.options.grad_steps is not None:
+            raise UserError("generator.grad_steps cannot be used with training = 'noise': the gradient must flow through every step to reach the noise")
+        rng = torch.Generator().manual_seed(seed)
+        self.noise_prompts = list(prompts)
+        self.noise_table = torch.nn.Parameter(torch.randn((len(prompts), *self.noise_shape()), generator=rng))
+        self._noise_slot = {}
+        for i, p in enumerate(self.noise_prompts):
+            self._noise_slot.setdefault(p, i)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -265,8 +286,55 @@ class DiffusionGenerator(Generator):
         return self
 
     def forward(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions) -> torch.Tensor:
+        if self.options.training == "noise":
+            noise = self._table_noise(prompts, noise, options.prompt_index)
         x0 = self.sample_latents(prompts, noise, options)
         return self.decode(x0)
+
+    # --- optimized noise (training = 'noise') ----------------------------------------------
+    def optimized_noise(self) -> torch.Tensor | None:
+        return self.noise_table if self.options.training == "noise" else None
+
+    def _table_noise(self, prompts: Sequence[str], noise: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The optimized noise of each sample: its training slot's during training; outside
+        training a prompt of the training set uses its (first) slot's, any other prompt the
+        noise it was given, so it is sampled by the frozen model as usual."""
+        table = self.noise_table
+        if index is not None:
+            return table[index.to(table.device)]
+        slots = [self._noise_slot.get(p, -1) for p in prompts]
+        known = torch.tensor([s >= 0 for s in slots], device=table.device).view(-1, *([1] * (noise.dim() - 1)))
+        rows = table[torch.tensor([max(s, 0) for s in slots], device=table.device)]
+        return torch.where(known, rows, noise.to(table.device, table.dtype))
+
+    @torch.no_grad()
+    def optimized_images(self, batch_size: int = 8) -> torch.Tensor:
+        """The images of every training slot from its optimized noise, (N, 3, H, W) on the CPU."""
+        options = self.sample_options()
+        out = []
+        for i in range(0, len(self.noise_prompts), batch_size):
+            index = torch.arange(i, min(i + batch_size, len(self.noise_prompts)))
+            prompts = [self.noise_prompts[j] for j in index.tolist()]
+            out.append(self(prompts, self.noise_table[index], options.replace(prompt_index=index)).float().clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    def after_fit(self, run_dir) -> str:
+        """With training = 'noise', the result is the images: write one PNG per training prompt."""
+        if self.options.training != "noise":
+            return ""
+        from rewardkit.checkpoint import write_text_atomic
+        from rewardkit.sampling import save_pngs
+
+        folder = Path(run_dir) / "images"
+        was = self.training
+        self.eval()
+        try:
+            paths = save_pngs(self.optimized_images(), folder)
+        finally:
+            self.train(was)
+        index = [{"index": i, "prompt": p, "file": path.name} for i, (p, path) in enumerate(zip(self.noise_prompts, paths))]
+        write_text_atomic(folder / "index.jsonl", "".join(json.dumps(row) + "\n" for row in index))
+        return f"{len(paths)} images from the optimized noise, one per training prompt: {folder} (index.jsonl lists the prompts)"
 
     def sample_latents(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions, trajectory: list | None = None) -> torch.Tensor:
         """The K-step sampler: the returned clean latents, with gradient where options ask for it.
@@ -287,7 +355,8 @@ class DiffusionGenerator(Generator):
             end = torch.as_tensor(options.supervise_step, dtype=torch.long, device=device).expand(B)
             if bool(((end < 0) | (end >= K)).any()):
                 raise ValueError(f"supervise_step must be in [0, {K - 1}] for {K} steps; got {end.tolist()}")
-        span = options.grad_steps if options.grad_steps is not None else (1 if options.supervise_step is not None else K)
+        # Optimized noise needs the gradient through every step down to itself.
+        span = options.grad_steps if options.grad_steps is not None else (1 if options.supervise_step is not None and self.options.training != "noise" else K)
         first = (end - span + 1).clamp(min=0)
         last = int(end.max())
         xi = step_noise(noise, K - 1) if K > 1 and bool((eta[:, : K - 1] > 0).any()) else None
@@ -298,8 +367,10 @@ class DiffusionGenerator(Generator):
         want_grad = torch.is_grad_enabled()
         x, out = noise.float(), None
         for k in range(last + 1):
-            # Cut the graph in front of each sample's first step with gradient.
-            x = torch.where((first == k).view(view), x.detach(), x)
+            # Cut the graph in front of each sample's first step with gradient (not in front of
+            # step 0: there x is the input noise, which only has a graph when it is optimized).
+            if k > 0:
+                x = torch.where((first == k).view(view), x.detach(), x)
             if trajectory is not None:
                 trajectory.append(x.detach())
             with torch.set_grad_enabled(want_grad and bool(((first <= k) & (k <= end)).any())):
@@ -383,6 +454,11 @@ class DiffusionGenerator(Generator):
     def export(self, out: str | Path, format: str) -> Path:
         """Write a diffusers pipeline folder ('diffusers') or diffusers-loadable LoRA weights ('lora')."""
         out = Path(out)
+        if self.options.training == "noise":
+            raise UserError(
+                "this run optimized input noise (training = 'noise') and left every weight as it was: there is no model "
+                "to export. Its images are in the run directory's images/ folder; the model is generator.model itself."
+            )
         if format == "lora":
             if self.options.training != "lora":
                 raise UserError("--format lora needs a generator trained with training = 'lora'; this one was fully fine-tuned: use --format diffusers")

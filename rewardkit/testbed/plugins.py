@@ -66,6 +66,8 @@ class TestbedGenerator(StableDiffusion):
 
     def after_fit(self, run_dir) -> str:
         """The end-of-run table (teacher 25 steps + CFG, teacher K steps, this generator); '' if disabled."""
+        if self.options.training == "noise":  # the result is images for the training prompts, not a sampler to evaluate
+            return super().after_fit(run_dir)
         if not self.options.report:
             return ""
         from rewardkit.testbed.evaluate import report_run

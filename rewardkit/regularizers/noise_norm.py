@@ -1,0 +1,58 @@
+"""`noise_norm`: keep optimized noise a likely draw from N(0, I) (ReNO's norm regularizer).
+
+For z in R^d drawn from N(0, I), r = ||z||^2 follows a chi-square law with
+d degrees of freedom, concentrated near d. Reward gradients alone push the
+noise off that shell, where the generator has never seen its inputs. The
+penalty is each noise's chi-square negative log-likelihood, shifted to be 0
+at its minimum (r = d - 2):
+
+    weight * mean over the prompts' noises of [r/2 - (d/2 - 1) log r] - min
+
+Averaging over all N noises every step gives each noise a 1/N share, which
+is what its reward gradient gets on average too (it is in a batch of B with
+probability B/N, where it weighs 1/B), so `weight` trades reward against
+likelihood per prompt. Only for generators that optimize their noise
+(`training = "noise"`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import NonNegativeFloat
+
+from rewardkit.errors import UserError
+from rewardkit.generators.base import Generator
+from rewardkit.options import PluginOptions
+from rewardkit.regularizers.base import Regularizer
+
+
+class NoiseNormOptions(PluginOptions):
+    weight: NonNegativeFloat = 1.0
+
+
+def chi_square_nll(z: torch.Tensor) -> torch.Tensor:
+    """Per row of z (N, ...): the chi-square negative log-likelihood of ||z||^2, 0 at its minimum."""
+    d = z[0].numel()
+    r = z.float().flatten(1).pow(2).sum(1)
+    k = d / 2 - 1
+    return r / 2 - k * torch.log(r) - ((d - 2) / 2 - k * math.log(d - 2))
+
+
+class NoiseNorm(Regularizer):
+    name = "noise_norm"
+    Options = NoiseNormOptions
+
+    def setup(self, generator: Generator) -> None:
+        z = generator.optimized_noise()
+        if z is None:
+            raise UserError(
+                f"regularizer 'noise_norm' constrains optimized noise, and generator '{generator.name}' optimizes "
+                "weights; set generator.training = 'noise' or remove [regularizers.noise_norm]"
+            )
+        if z[0].numel() < 3:
+            raise UserError("regularizer 'noise_norm' needs noise with at least 3 elements per sample")
+
+    def penalty(self, generator: Generator) -> torch.Tensor:
+        return self.options.weight * chi_square_nll(generator.optimized_noise()).mean()
