@@ -19,11 +19,13 @@ def register_generators(register):
 @hookimpl
 def register_rewards(register):
     from rewardkit.rewards.color import Color
+    from rewardkit.rewards.high_resolution import HighResolution
     from rewardkit.rewards.smoothness import Smoothness
     from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype, DigitRealism
 
     register(Color)
     register(Smoothness)
+    register(HighResolution)
     register(DigitClassifier)
     register(DigitRealism)
     register(DigitPrototype)

@@ -71,3 +71,30 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("fid") / "inception.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+def photo_tiles(folder: Path, size: int = 200) -> Path:
+    """Real photographs for offline tests: scikit-learn's two bundled photos cut into size x size tiles."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for photo in load_sample_images().images:
+        for top in range(0, photo.shape[0] - size + 1, size):
+            for left in range(0, photo.shape[1] - size + 1, size):
+                Image.fromarray(photo[top : top + size, left : left + size]).save(folder / f"tile_{k:02d}.png")
+                k += 1
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hires_classifier(tmp_path_factory):
+    """(classifier file, tiles folder): a small high-resolution classifier trained on the photo tiles."""
+    from rewardkit.hires_training import train
+
+    root = tmp_path_factory.mktemp("hires")
+    tiles = photo_tiles(root / "tiles")
+    path = root / "hires.safetensors"
+    train(tiles, path, resolution=200, crop=64, steps=200, batch_size=8, lr=3e-3, width=8, progress=False, device="cpu")
+    return path, tiles

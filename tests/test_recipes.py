@@ -23,6 +23,7 @@ METHODS = {
     "r0_sd15": "sd",
     "r0plus_sd15": "sd",
     "r0_sd3": "sd3",
+    "r0plus_hires_sd3": "sd3",
     "draft_k_sd15": "sd",
     "reno_sd_turbo": "sd",
 }
@@ -42,7 +43,7 @@ def _load(path, overrides=()):
 
 def test_the_method_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"quickstart", "r0_sd15", "r0plus_sd15", "r0_sd3"} <= names
+    assert {"quickstart", "r0_sd15", "r0plus_sd15", "r0_sd3", "r0plus_hires_sd3"} <= names
     assert set(METHODS) <= names
 
 
@@ -52,10 +53,11 @@ def test_recipe_validates(path):
     assert recipe.run.steps > 0 and recipe.prompts
 
 
-@pytest.mark.parametrize("name", ["r0_sd15", "r0plus_sd15", "r0_sd3"])
+@pytest.mark.parametrize("name", ["r0_sd15", "r0plus_sd15", "r0_sd3", "r0plus_hires_sd3"])
 def test_method_recipes_are_r0(name):
     recipe = _load(REPO / "recipes" / f"{name}.toml")
-    assert {s.cls.name for s in recipe.rewards} == PAPER_REWARDS
+    hires = {"high_resolution"} if name.endswith("hires_sd3") else set()
+    assert {s.cls.name for s in recipe.rewards} == PAPER_REWARDS | hires
     regs = [s.cls.name for s in recipe.regularizers]
     assert {"weight_l2", "random_eta", "normalize_gradients"} <= set(regs)
     assert ("intermediate_step" in regs) == name.startswith("r0plus")
@@ -78,7 +80,7 @@ def tiny_folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path):
+def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, request):
     from rewardkit.optimizer import Optimizer
 
     kind = METHODS[name]
@@ -92,6 +94,8 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path):
         "run.sample_every=0", "run.checkpoint_every=0", "optimizer.warmup_steps=0",
     ]
     overrides += [f"rewards.{s.label}.type='{CHEAP[s.cls.name]}'" for s in base.rewards if s.cls.name in CHEAP]
+    if any(s.cls.name == "high_resolution" for s in base.rewards):
+        overrides.append(f"rewards.high_resolution.weights='{request.getfixturevalue('hires_classifier')[0]}'")
     if base.generator.options.num_steps > 4:
         overrides.append("generator.num_steps=5")
     recipe = _load(path, overrides)
