@@ -6,6 +6,8 @@ rewardkit/testbed/weights (trained by `python -m rewardkit.testbed.train`).
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 from pathlib import Path
@@ -82,6 +84,28 @@ def test_rewards_score_real_digits_and_are_differentiable():
         xi = x[:4].clone().requires_grad_(True)
         (g,) = torch.autograd.grad(reward(xi, right[:4]).sum(), xi)
         assert g.shape == xi.shape and float(g.abs().sum()) > 0
+
+
+def test_capped_rewards_stop_pushing_past_the_cap():
+    """Past the cap a reward's gradient is exactly zero, so per-sample normalization leaves it zero."""
+    from rewardkit.regularizers.normalize_gradients import NormalizeGradients
+    from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype
+
+    x, y = data.splits()["heldout"]
+    prompts = [data.prompt(int(d)) for d in y[:40]]
+    x = x[:40].clone().requires_grad_(True)
+    for capped, plain, cap in (
+        (DigitClassifier(confidence=0.9), DigitClassifier(), math.log(0.9)),
+        (DigitPrototype(max_similarity=0.7), DigitPrototype(), 0.7),
+    ):
+        scores = plain(x, prompts)
+        above = scores.detach() > cap
+        assert 0 < int(above.sum()) < len(prompts)  # both kinds of sample present
+        torch.testing.assert_close(capped(x, prompts), scores.clamp(max=cap))
+        (g,) = torch.autograd.grad(capped(x, prompts).sum(), x)
+        g = NormalizeGradients().transform_gradients({"r": g})["r"]
+        norms = g.flatten(1).norm(dim=1)
+        assert (norms[above] == 0).all() and torch.allclose(norms[~above], torch.ones(int((~above).sum())), atol=1e-4)
 
 
 def test_rewards_reject_prompts_without_a_digit():

@@ -20,10 +20,11 @@ Prompts name their digit as a numeral or a word ("a handwritten digit 7",
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
-from pydantic import PositiveFloat
+from pydantic import Field, PositiveFloat
 
 from rewardkit.errors import UserError
 from rewardkit.generators.sd import SDOptions, StableDiffusion
@@ -95,6 +96,10 @@ class DigitClassifierOptions(RewardOptions):
     """'rewardkit-testbed' or a folder written by `python -m rewardkit.testbed.train --out DIR`."""
     score: Literal["log_prob", "margin"] = "log_prob"
     """'log_prob': log p(digit | image); 'margin': the digit's logit minus the largest other logit."""
+    confidence: float | None = Field(default=None, gt=0, lt=1)
+    """Cap log p(digit | image) at log(confidence) (log_prob only). Past the cap the reward's
+    gradient is exactly zero, so per-sample gradient normalization cannot blow a vanishing
+    gradient up into adversarial detail on images the classifier already reads right."""
 
 
 class DigitClassifier(Reward):
@@ -117,7 +122,10 @@ class DigitClassifier(Reward):
             own = logits.gather(1, d[:, None])[:, 0]
             other = logits.scatter(1, d[:, None], float("-inf")).max(1).values
             return own - other
-        return logits.log_softmax(1).gather(1, d[:, None])[:, 0]
+        log_p = logits.log_softmax(1).gather(1, d[:, None])[:, 0]
+        if self.options.confidence is not None:
+            log_p = log_p.clamp(max=math.log(self.options.confidence))
+        return log_p
 
 
 class DigitRealismOptions(RewardOptions):
@@ -157,6 +165,9 @@ class DigitRealism(Reward):
 
 class DigitPrototypeOptions(RewardOptions):
     weights: str = PACKAGED
+    max_similarity: float | None = Field(default=None, gt=-1, lt=1)
+    """Cap the cosine at this value: an image as close to the mean digit as a typical real one
+    is pulled no closer (held-out real digits: median 0.70), which keeps the samples diverse."""
 
 
 class DigitPrototype(Reward):
@@ -173,4 +184,5 @@ class DigitPrototype(Reward):
     def forward(self, images, prompts):
         x = data.to_gray(images).flatten(1) - self.mean
         p = self.prototypes[_digits(prompts, self.name).to(x.device)]
-        return torch.nn.functional.cosine_similarity(x, p, dim=1, eps=1e-6)
+        cos = torch.nn.functional.cosine_similarity(x, p, dim=1, eps=1e-6)
+        return cos if self.options.max_similarity is None else cos.clamp(max=self.options.max_similarity)
