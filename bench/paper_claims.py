@@ -1,14 +1,15 @@
 """The paper's claims, measured on the embedded digits testbed.
 
-    python bench/paper_claims.py                     # all claims, 3 seeds; writes docs/results.md
-    python bench/paper_claims.py --seeds 0 1 2 --steps 120 --per-digit 20 --out docs/results.md
+    python bench/paper_claims.py                     # all claims, 3 seeds, 2 processes; writes docs/results.md
+    python bench/paper_claims.py --seeds 0 1 2 --steps 100 --per-digit 15 --jobs 2 --out docs/results.md
 
 Every training run is the quickstart recipe (recipes/quickstart.toml) with
 the changes a claim needs, run through the public API (`Optimizer.from_recipe`
 on a recipe dict) for `--steps` steps, then judged by the independent
 evaluator (rewardkit.testbed.evaluate): accuracy, Frechet distance to
 held-out real digits, diversity, milliseconds per image. Each number is the
-mean over seeds, with the sample standard deviation after +-.
+mean over seeds, with the sample standard deviation after +-. Runs are
+independent and spread over `--jobs` processes of one thread each.
 
 (a) R0 at 4 steps vs the teacher at 25 steps with CFG: quality and speed.
 (b) Without weight L2 and random eta (and at a higher learning rate, where
@@ -17,9 +18,10 @@ mean over seeds, with the sample standard deviation after +-.
 (c) Normalized vs raw gradients, with two rewards.
 (d) One, two and three rewards.
 (e) R0 vs R0+ (intermediate supervision): evaluator accuracy per iteration.
-(f) Baselines at equal wall time: DRaFT-K (reward backprop through the last
-    step of a 25-step CFG sampler) and ReNO-style test-time noise
-    optimization of the frozen 4-step teacher.
+(f) Baselines at R0's training wall time, from the same plugins: DRaFT-K
+    (reward backprop through the last step of a 25-step CFG sampler) and
+    ReNO (generator.training = "noise": the evaluation images' own noise
+    optimized through the frozen 4-step teacher, with noise_norm).
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def variant(r: dict, name: str) -> dict:
     elif name == "draft":  # (f): DRaFT-K, K = 1, through a 25-step CFG sampler, no R0 regularizers
         r["regularizers"] = {}
         r["generator"].update(num_steps=25, guidance_scale=2.0, grad_steps=1)
+    elif name == "reno":  # (f): ReNO, the frozen 4-step teacher's input noise, one per evaluation image
+        r["generator"]["training"] = "noise"
+        r["regularizers"] = {"noise_norm": {"weight": 1.0}, "normalize_gradients": {}}
+        r["optimizer"] = {"name": "adam", "lr": 0.05}
     else:
         raise ValueError(name)
     return r
@@ -88,10 +94,9 @@ def train_and_evaluate(recipe: dict, ref, per_digit: int, eval_seed: int, every_
     from rewardkit.recipe import load_recipe
     from rewardkit.testbed.evaluate import evaluate_generator
 
-    rec = load_recipe(recipe)
-    opt = Optimizer.from_recipe(rec)
+    opt = Optimizer.from_recipe(load_recipe(recipe))
     t0 = time.perf_counter()
-    result = opt.fit()
+    opt.fit()
     wall = time.perf_counter() - t0
     history = read_metrics(Path(recipe["run"]["dir"]) / "metrics.jsonl")
     ckpts = sorted((Path(recipe["run"]["dir"]) / "checkpoints").glob("step_*"))
@@ -115,46 +120,69 @@ def train_and_evaluate(recipe: dict, ref, per_digit: int, eval_seed: int, every_
     return rows
 
 
-def reno(ref, per_digit: int, eval_seed: int, seconds: float, lr: float = 0.05, reg: float = 0.01) -> dict:
-    """ReNO-style test-time noise optimization of the frozen 4-step teacher, for `seconds` of wall time.
+def reno_and_evaluate(recipe: dict, ref, per_digit: int) -> list[dict]:
+    """ReNO through the same Optimizer: the training prompts are the evaluation prompts, one noise each.
 
-    The evaluation batch's initial noise is the parameter; the same rewards
-    (digit_classifier + digit_prototype) and the same per-reward gradient
-    normalization as R0; a penalty keeps ||z||^2 near its chi-square mean.
-    The whole budget is spent on the evaluation images themselves (ReNO
-    cannot amortize), so its time per image includes the optimization.
+    Nothing is amortized, so the optimization time is part of each image's cost.
     """
-    from rewardkit.regularizers.normalize_gradients import NormalizeGradients
-    from rewardkit.testbed.evaluate import eval_batch, sample, teacher
-    from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.recipe import load_recipe
 
-    gen = teacher(4, 1.0)
-    prompts, labels, noise = eval_batch(gen, per_digit, eval_seed)
-    rewards = [DigitClassifier().eval().requires_grad_(False), DigitPrototype().eval().requires_grad_(False)]
-    norm = NormalizeGradients()
-    z = noise.clone().requires_grad_(True)
-    optim = torch.optim.Adam([z], lr=lr)
-    d = z[0].numel()
-    t0, iters = time.perf_counter(), 0
-    opts = gen.sample_options()
-    while time.perf_counter() - t0 < seconds:
-        images = gen(prompts, z, opts)
-        x = images.detach().requires_grad_(True)
-        grads = {}
-        for i, rw in enumerate(rewards):
-            (grads[i],) = torch.autograd.grad(rw(x, prompts).sum(), x)
-        g = sum(norm.transform_gradients(grads).values())
-        loss = -(g * images).sum() / len(prompts) + reg * ((z.flatten(1).pow(2).sum(1) - d) ** 2 / d).mean()
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        iters += 1
-    opt_seconds = time.perf_counter() - t0
-    images, spi = sample(gen, prompts, z.detach())
-    row = ref.score(images, labels)
-    row["ms_per_image"] = 1000 * (spi + opt_seconds / len(prompts))
-    row["iterations"] = iters
-    return row
+    opt = Optimizer.from_recipe(load_recipe(recipe))
+    t0 = time.perf_counter()
+    opt.fit()
+    fit_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    images = opt.generator.optimized_images(batch_size=100)
+    sample_seconds = time.perf_counter() - t1
+    row = ref.score(images, torch.arange(10).repeat_interleave(per_digit))
+    row.update(step=recipe["run"]["steps"], train_seconds=fit_seconds, ms_per_image=1000 * (fit_seconds + sample_seconds) / len(images))
+    return [row]
+
+
+def recipe_for(name: str, seed: int, steps: int, args, root: Path) -> dict:
+    curve = name in ("r0", "r0plus")
+    r = variant(base_recipe(seed, steps, args.batch, root / f"{name}_{seed}_{steps}", args.eval_every if curve else steps), name)
+    if name == "reno":
+        from rewardkit.testbed import data
+
+        r["prompts"] = {"train": [data.prompt(d) for d in range(10) for _ in range(args.per_digit)]}
+    return r
+
+
+# ------------------------------------------------------------------------------ jobs
+_REFERENCE = None
+
+
+def job(task: dict):
+    """One unit of work, run in a worker process: a training run, a probe, or a teacher evaluation."""
+    global _REFERENCE
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rewardkit.testbed.evaluate import EVAL_SEED, Reference, evaluate_generator, teacher
+
+    if _REFERENCE is None:
+        _REFERENCE = Reference()
+    args, name, seed = task["args"], task["name"], task["seed"]
+    if name.startswith("teacher"):
+        _, steps, cfg = name.split(":")
+        return evaluate_generator(teacher(int(steps), float(cfg)), _REFERENCE, args.per_digit, seed=EVAL_SEED + seed)
+    recipe = recipe_for(name, seed, task["steps"], args, Path(task["root"]) / ("probes" if task.get("probe") else "runs"))
+    if name == "reno":
+        return reno_and_evaluate(recipe, _REFERENCE, args.per_digit)
+    per_digit = 1 if task.get("probe") else args.per_digit
+    return train_and_evaluate(recipe, _REFERENCE, per_digit, EVAL_SEED + seed, name in ("r0", "r0plus") and not task.get("probe"))
+
+
+def run_jobs(pool, tasks: list[dict], log) -> list:
+    futures = [pool.submit(job, t) for t in tasks]
+    out = []
+    for t, f in zip(tasks, futures):
+        out.append(f.result())
+        rows = out[-1] if isinstance(out[-1], list) else [out[-1]]
+        if not t.get("probe"):
+            log(f"{t['name']} seed {t['seed']}: accuracy {rows[-1]['accuracy']:.3f}, frechet {rows[-1]['frechet']:.2f}")
+    return out
 
 
 # ------------------------------------------------------------------------------ tables
@@ -181,72 +209,59 @@ def metric_row(name, runs, keys=("accuracy", "frechet", "diversity", "ms_per_ima
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--per-digit", type=int, default=20, help="evaluation images per digit")
-    p.add_argument("--eval-every", type=int, default=30, help="checkpoint/evaluation interval of the (e) curves")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=100, help="training steps per run (the quickstart's 100)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (the quickstart's 16)")
+    p.add_argument("--per-digit", type=int, default=15, help="evaluation images per digit")
+    p.add_argument("--eval-every", type=int, default=25, help="checkpoint/evaluation interval of the (e) curves")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     p.add_argument("--only", nargs="*", default=None, help="subset of: a b c d e f")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     logging.basicConfig(level=logging.WARNING)
-    from rewardkit.testbed.evaluate import EVAL_SEED, Reference, evaluate_generator, teacher
+    from rewardkit.testbed.evaluate import Reference
 
     claims = set(args.only or "abcdef")
-    ref = Reference()
     root = Path(tempfile.mkdtemp(prefix="rk-claims-"))
-    raw: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    raw: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t_start = time.perf_counter()
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    needed = {"r0"}
-    needed |= {"no_reg", "r0_lr5"} if "b" in claims else set()
-    needed |= {"raw"} if "c" in claims else set()
-    needed |= {"one_reward", "three_rewards"} if "d" in claims else set()
-    needed |= {"r0plus"} if "e" in claims else set()
-    needed |= {"draft"} if "f" in claims else set()
-    runs: dict[str, list] = {}
-    for name in ["r0", "r0plus", "no_reg", "r0_lr5", "raw", "one_reward", "three_rewards", "draft"]:
-        if name not in needed:
-            continue
-        runs[name] = []
-        for seed in args.seeds:
-            curve = name in ("r0", "r0plus")
-            steps = args.steps
-            if name == "draft":  # equal wall time: as many steps as fit in R0's training time
-                r0_time = statistics.fmean(r[-1]["train_seconds"] for r in runs["r0"])
-                probe = train_and_evaluate(
-                    variant(base_recipe(seed, 3, args.batch, root / f"probe_{seed}", 3), "draft"), ref, 1, EVAL_SEED + seed, False
-                )
-                steps = max(1, int(r0_time / (probe[-1]["train_seconds"] / 3)))
-            recipe = variant(base_recipe(seed, steps, args.batch, root / f"{name}_{seed}", args.eval_every if curve else steps), name)
-            rows = train_and_evaluate(recipe, ref, args.per_digit, EVAL_SEED + seed, curve)
-            runs[name].append(rows)
-            if args.json:  # keep what is done, should a later run fail
-                args.json.write_text(json.dumps({"runs": runs}, indent=2, default=float))
-            log(f"{name} seed {seed}: {steps} steps, accuracy {rows[-1]['accuracy']:.3f}, frechet {rows[-1]['frechet']:.2f}")
-    raw["runs"] = runs
-    final = {k: [r[-1] for r in v] for k, v in runs.items()}
+    def tasks(name, **extra):
+        return [{"args": args, "name": name, "seed": s, "steps": args.steps, "root": str(root), **extra} for s in args.seeds]
 
-    teachers = {}
-    for label, steps, cfg in (("teacher, 25 steps, CFG 2", 25, 2.0), ("teacher, 4 steps, untrained", 4, 1.0)):
-        gen = teacher(steps, cfg)
-        teachers[label] = [evaluate_generator(gen, ref, args.per_digit, seed=EVAL_SEED + s) for s in args.seeds]
-        log(f"{label}: accuracy {statistics.fmean(r['accuracy'] for r in teachers[label]):.3f}")
-    raw["teachers"] = teachers
-    if "f" in claims:
-        r0_time = statistics.fmean(r["train_seconds"] for r in final["r0"])
-        final["reno"] = [reno(ref, args.per_digit, EVAL_SEED + s, r0_time) for s in args.seeds]
-        raw["reno"] = final["reno"]
-        log("reno done")
-    real = ref.real_row()
+    names = ["r0"]
+    names += ["r0plus"] if "e" in claims else []
+    names += ["no_reg", "r0_lr5"] if "b" in claims else []
+    names += ["raw"] if "c" in claims else []
+    names += ["one_reward", "three_rewards"] if "d" in claims else []
+    teachers = {"teacher, 25 steps, CFG 2": "teacher:25:2.0", "teacher, 4 steps, untrained": "teacher:4:1.0"}
+    runs: dict[str, list] = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # R0 first: the baselines of (f) get its training time.
+        batch = [t for n in names for t in tasks(n)] + [t for key in teachers.values() for t in tasks(key)]
+        if "f" in claims:  # time per step of each baseline, measured on a short run
+            batch += [t | {"steps": 3, "probe": True} for n in ("draft", "reno") for t in tasks(n)[:1]]
+        results = run_jobs(pool, batch, log)
+        for t, rows in zip(batch, results):
+            if not t.get("probe"):
+                runs.setdefault(t["name"], []).append(rows if isinstance(rows, list) else [rows])
+        if "f" in claims:
+            r0_time = statistics.fmean(r[-1]["train_seconds"] for r in runs["r0"])
+            probes = {t["name"]: rows[-1]["train_seconds"] / 3 for t, rows in zip(batch, results) if t.get("probe")}
+            base = [t | {"steps": max(1, int(r0_time / probes[n]))} for n in ("draft", "reno") for t in tasks(n)]
+            for t, rows in zip(base, run_jobs(pool, base, log)):
+                runs.setdefault(t["name"], []).append(rows)
+    raw["runs"] = runs
+    final = {k: [r[-1] for r in v] for k, v in runs.items() if not k.startswith("teacher")}
+    teachers = {label: [r[-1] for r in runs[key]] for label, key in teachers.items()}
+    real = Reference().real_row()
 
     head = ["generator", "evaluator accuracy", "Frechet distance", "diversity", "ms / image"]
     sections = []
@@ -280,11 +295,12 @@ def main(argv=None) -> int:
             rows.append([f"{label}: train seconds"] + [ms([run[i]["train_seconds"] for run in runs[k]]) for i in range(len(steps_e))])
         sections.append(("(e) R0 vs R0+ convergence (evaluator, per training iteration)", table(h, rows)))
     if "f" in claims:
-        rows = [metric_row(label, final[k]) for k, label in (("r0", "R0 (4 steps)"), ("draft", "DRaFT-K, K=1 (25 steps + CFG)"), ("reno", "ReNO-style noise optimization (4 steps, frozen)"))]
-        draft_steps = [r["step"] for r in final["draft"]]
+        rows = [metric_row(label, final[k]) for k, label in (("r0", "R0 (4 steps)"), ("draft", "DRaFT-K, K=1 (25 steps + CFG)"), ("reno", "ReNO, noise optimization (4 steps, frozen)"))]
+        steps = {k: [r["step"] for r in final[k]] for k in ("draft", "reno")}
         note = (f"\n\nEqual wall time: each method got R0's training time ({ms([r['train_seconds'] for r in final['r0']])} s). "
-                f"DRaFT-K ran {min(draft_steps)}-{max(draft_steps)} steps in it; ReNO spent it optimizing the evaluation images' noise "
-                f"({ms([r['iterations'] for r in final['reno']])} iterations over all {10 * args.per_digit} images), so its ms / image includes that optimization.")
+                f"DRaFT-K ran {min(steps['draft'])}-{max(steps['draft'])} steps of batch {args.batch} in it; ReNO spent it on the "
+                f"evaluation images' own noise ({min(steps['reno'])}-{max(steps['reno'])} steps of batch {args.batch} over {10 * args.per_digit} "
+                "noises), so its ms / image includes that optimization.")
         sections.append(("(f) Baselines at equal wall time", table(head, rows) + note))
 
     total = time.perf_counter() - t_start
@@ -292,7 +308,7 @@ def main(argv=None) -> int:
     text = [
         f"<!-- written by `{cmd.strip()}` in {total / 60:.1f} min -->",
         f"Seeds {args.seeds} ({n} runs per row; mean +- sample standard deviation), {args.steps} training steps of batch {args.batch}, "
-        f"{10 * args.per_digit} evaluation images per run ({args.per_digit} per digit), torch threads {args.threads}. "
+        f"{10 * args.per_digit} evaluation images per run ({args.per_digit} per digit), {args.jobs} worker processes of one thread each. "
         f"Whole script: {total / 60:.1f} min.",
     ]
     for title, body in sections:
