@@ -6,9 +6,8 @@ rewardkit/testbed/weights (trained by `python -m rewardkit.testbed.train`).
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
 from pathlib import Path
 
