@@ -88,12 +88,18 @@ def find_images(folder: Path, resolution: int, crop: int) -> list[Path]:
     return usable
 
 
+def _seed_worker(seed: int, worker: int) -> None:
+    random.seed(seed * 1000 + worker)  # the crops' positions
+
+
 def _batches(dataset, batch_size: int, workers: int, seed: int):
     """An endless stream of shuffled batches."""
+    import functools
+
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, drop_last=False, num_workers=workers, generator=g,
-        worker_init_fn=lambda i: random.seed(seed * 1000 + i), persistent_workers=workers > 0,
+        worker_init_fn=functools.partial(_seed_worker, seed), persistent_workers=workers > 0,
     )
     while True:
         yield from loader
@@ -139,6 +145,10 @@ def train(
         raise UserError(f"train-hires: need 1 < --min-factor <= --max-factor; got {min_factor} and {max_factor}")
     if crop < 32:
         raise UserError(f"train-hires: --crop must be at least 32 px (the classifier's patch); got {crop}")
+    if resolution < crop:
+        raise UserError(f"train-hires: --resolution ({resolution}) must be at least --crop ({crop})")
+    if steps < 1 or batch_size < 1 or width < 8 or width % 8:
+        raise UserError(f"train-hires: --steps and --batch-size must be positive and --width a multiple of 8; got {steps}, {batch_size}, {width}")
     files = find_images(Path(folder), resolution, crop)
     rng = random.Random(seed)
     held = set(rng.sample(range(len(files)), max(1, len(files) // 10)))
