@@ -44,6 +44,8 @@ class RealCrops(torch.utils.data.Dataset):
         from torchvision.transforms.v2 import functional as TF
 
         with Image.open(self.paths[i]) as im:
+            if min(im.size) > 2 * self.resolution:
+                im.draft("RGB", (im.width * self.resolution // min(im.size), im.height * self.resolution // min(im.size)))  # JPEG: decode at a reduced scale
             im = im.convert("RGB")
             scale = self.resolution / min(im.size)
             if scale < 1:
@@ -92,17 +94,16 @@ def _seed_worker(seed: int, worker: int) -> None:
     random.seed(seed * 1000 + worker)  # the crops' positions
 
 
-def _batches(dataset, batch_size: int, workers: int, seed: int):
-    """An endless stream of shuffled batches."""
+def _batches(dataset, batch_size: int, steps: int, workers: int, seed: int):
+    """`steps` full batches of images drawn with replacement (small folders still fill a batch)."""
     import functools
 
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=False, num_workers=workers, generator=g,
-        worker_init_fn=functools.partial(_seed_worker, seed), persistent_workers=workers > 0,
-    )
-    while True:
-        yield from loader
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=g)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+        worker_init_fn=functools.partial(_seed_worker, seed), pin_memory=torch.cuda.is_available(),
+    ))
 
 
 def _labelled(real: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,21 +115,23 @@ def _labelled(real: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def heldout_accuracy(model, dataset, factor_range, device, seed: int = 0) -> float:
-    """Patch-averaged accuracy on held-out files: random crops of each (64 in all, at least 4 per file), real and degraded."""
+    """How often a held-out real crop scores above its own degraded copy (random crops, 64 in all,
+    at least 4 per file). This pairwise accuracy is what a reward needs - the direction
+    towards real detail - and does not depend on where the logits cross zero."""
     rounds = max(4, math.ceil(64 / len(dataset)))
     random.seed(seed)
     g = torch.Generator().manual_seed(seed)
-    correct = total = 0
+    wins = total = 0
     model.eval()
     for _ in range(rounds):
         for start in range(0, len(dataset), 16):
             real = torch.stack([dataset[i] for i in range(start, min(start + 16, len(dataset)))]).to(device)
-            images, labels = _labelled(real, torch.empty(len(real)).uniform_(*factor_range, generator=g))
-            logits = model(images).flatten(1).mean(1)
-            correct += int(((logits > 0).float() == labels).sum())
-            total += len(labels)
+            images, _ = _labelled(real, torch.empty(len(real)).uniform_(*factor_range, generator=g))
+            real_logit, degraded_logit = model(images).flatten(1).mean(1).chunk(2)
+            wins += int((real_logit > degraded_logit).sum())
+            total += len(real)
     model.train()
-    return correct / total
+    return wins / total
 
 
 def train(
@@ -149,6 +152,12 @@ def train(
         raise UserError(f"train-hires: --resolution ({resolution}) must be at least --crop ({crop})")
     if steps < 1 or batch_size < 1 or width < 8 or width % 8:
         raise UserError(f"train-hires: --steps and --batch-size must be positive and --width a multiple of 8; got {steps}, {batch_size}, {width}")
+    if Path(out).is_dir():
+        raise UserError(f"train-hires: --out {str(out)!r} is a folder; give the .safetensors file to write")
+    if workers < 0:
+        raise UserError(f"train-hires: --workers must be 0 or more; got {workers}")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train-hires: --device {device} asks for a GPU, and none is available")
     files = find_images(Path(folder), resolution, crop)
     rng = random.Random(seed)
     held = set(rng.sample(range(len(files)), max(1, len(files) // 10)))
@@ -162,7 +171,7 @@ def train(
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=steps)
     g = torch.Generator().manual_seed(seed)
-    stream = _batches(train_set, batch_size, workers, seed)
+    stream = _batches(train_set, batch_size, steps, workers, seed)
     bar = tqdm(range(steps), desc="train-hires", disable=not progress, dynamic_ncols=True)
     t0, ema = time.perf_counter(), math.nan
     for _ in bar:
@@ -179,6 +188,11 @@ def train(
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
     bar.close()
     accuracy = heldout_accuracy(model, val_set, (min_factor, max_factor), device, seed=seed)
+    if accuracy < 0.7:
+        log.warning(
+            "train-hires: held-out accuracy %.3f is close to chance (0.5): more or more detailed images, more --steps, "
+            "or check that the images are really high resolution", accuracy,
+        )
     info = {
         "resolution": resolution, "crop": crop, "steps": steps, "batch_size": batch_size, "lr": lr,
         "factors": [min_factor, max_factor], "seed": seed, "train_images": len(train_set), "heldout_images": len(val_set),

@@ -96,5 +96,5 @@ def hires_classifier(tmp_path_factory):
     root = tmp_path_factory.mktemp("hires")
     tiles = photo_tiles(root / "tiles")
     path = root / "hires.safetensors"
-    train(tiles, path, resolution=200, crop=64, steps=200, batch_size=8, lr=3e-3, width=8, progress=False, device="cpu")
+    train(tiles, path, resolution=200, crop=64, steps=200, batch_size=8, lr=5e-3, width=8, progress=False, device="cpu")
     return path, tiles

@@ -22,7 +22,7 @@ def test_classifier_tells_real_photos_from_upsampled_ones(hires_classifier):
     path, tiles = hires_classifier
     model, info = load_classifier(path)
     assert info["resolution"] == 200 and info["train_images"] + info["heldout_images"] == 12
-    assert 0.5 <= info["heldout_accuracy"] <= 1.0
+    assert info["heldout_accuracy"] >= 0.75  # held-out real crops above their own degraded copies (chance: 0.5)
     reward = HighResolution(weights=str(path))
     real = _tiles(tiles)
     with torch.no_grad():

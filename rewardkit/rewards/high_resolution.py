@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 
 from rewardkit.errors import UserError
 from rewardkit.rewards.base import Reward, RewardOptions
@@ -41,7 +42,9 @@ class HighResolutionClassifier(torch.nn.Module):
         layers, channels = [], [3, w, w, 2 * w, 2 * w, 4 * w]
         for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
             # Full resolution first: the fine detail that separates real from upsampled lives there.
-            layers += [torch.nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), torch.nn.GroupNorm(8, cout), torch.nn.SiLU()]
+            # No normalization layer: statistics over the whole image would make a patch's score depend
+            # on the rest of the image, and training crops and full generated images differ in size.
+            layers += [torch.nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), torch.nn.SiLU()]
         self.body = torch.nn.Sequential(*layers)
         self.head = torch.nn.Conv2d(4 * w, 1, 1)
         self.width = width
@@ -70,6 +73,8 @@ def save_classifier(model: HighResolutionClassifier, path: Path, info: dict) -> 
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp), metadata={"format": FORMAT, "width": str(model.width), "info": json.dumps(info)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it takes the final name
     os.replace(tmp, path)
 
 
@@ -98,7 +103,13 @@ def load_classifier(path: str | Path, who: str = "high_resolution") -> tuple[Hig
 
 class HighResolutionOptions(RewardOptions):
     weights: str
-    """The classifier written by `rewardkit train-hires FOLDER --out FILE` (a path, relative to the working directory)."""
+    """The classifier written by `rewardkit train-hires FOLDER --out FILE`. A relative path is taken from the
+    working directory and saved absolute in the run's recipe.toml, so `--resume` works from anywhere."""
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        return str(Path(v).expanduser().resolve())
 
 
 class HighResolution(Reward):
