@@ -46,10 +46,11 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
     os.replace(tmp, path)
 
 
-def save_pngs(images: torch.Tensor, out_dir: Path, prefix: str = "") -> list[Path]:
+def save_pngs(images: torch.Tensor, out_dir: Path, prefix: str = "", start: int = 0) -> list[Path]:
+    """One PNG per image, numbered from `start`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(images):
+    for i, img in enumerate(images, start):
         path = out_dir / f"{prefix}{i:04d}.png"
         save_image(img, path)
         paths.append(path)

@@ -41,7 +41,7 @@ def test_gradient_reaches_the_batch_noise_and_nothing_else(models, family, super
     assert [n for n, p in gen.named_parameters() if p.requires_grad] == ["noise_table"]
     index = torch.tensor([2, 0])
     # R0+'s supervised step must still reach the noise: every earlier step keeps its gradient.
-    options = SampleOptions(num_steps=3, prompt_index=index, supervise_step=None if supervise is None else torch.tensor([1, 2]))
+    options = SampleOptions(num_steps=3, prompt_index=index, supervise_step=None if supervise is None else torch.tensor([0, 2]))
     images = gen([PROMPTS[2], PROMPTS[0]], torch.zeros(2, *gen.noise_shape()), options)
     (images * torch.linspace(0, 1, images.numel()).view_as(images)).sum().backward()
     grad = gen.noise_table.grad
@@ -134,3 +134,16 @@ def test_noise_optimization_on_the_testbed_raises_the_reward_and_writes_images(t
     assert [row["prompt"] for row in index] == prompts
     assert all((tmp_path / "run" / "images" / row["file"]).is_file() for row in index)
     assert "images" in result.report
+
+
+def test_resuming_a_noise_run_with_other_prompts_is_refused(tmp_path):
+    """The noise table belongs to its prompt list: a changed list must not be silently loaded."""
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.recipe import load_recipe
+    from rewardkit.testbed import data
+
+    prompts = [data.prompt(d) for d in range(10)]
+    Optimizer.from_recipe(load_recipe(_testbed_recipe(tmp_path / "run", prompts, 2, 1.0))).fit()
+    fewer = Optimizer.from_recipe(load_recipe(_testbed_recipe(tmp_path / "run", prompts[:9], 4, 1.0)))
+    with pytest.raises(UserError, match=r"noise_table \(10, 4, 8, 8\) \(expected \(9, 4, 8, 8\)\)"):
+        fewer.fit(resume=True)

@@ -104,6 +104,12 @@ class Generator(Configurable, torch.nn.Module):
                 f"the checkpoint does not fit generator '{self.name}' as its recipe builds it: missing {missing[:5]}, "
                 f"unexpected {extra[:5]}; was it written by a run with other generator options?"
             )
+        wrong = [f"{n} {tuple(t.shape)} (expected {tuple(params[n].shape)})" for n, t in state.items() if t.shape != params[n].shape]
+        if wrong:
+            raise UserError(
+                f"the checkpoint does not fit generator '{self.name}' as its recipe builds it: {', '.join(wrong[:3])}; "
+                "did the recipe change (e.g. the training prompts of a noise-optimizing run, or the LoRA rank)?"
+            )
         with torch.no_grad():
             for n, tensor in state.items():
                 params[n].copy_(tensor)

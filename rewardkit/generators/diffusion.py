@@ -308,15 +308,17 @@ class DiffusionGenerator(Generator):
         return torch.where(known, rows, noise.to(table.device, table.dtype))
 
     @torch.no_grad()
-    def optimized_images(self, batch_size: int = 8) -> torch.Tensor:
-        """The images of every training slot from its optimized noise, (N, 3, H, W) on the CPU."""
+    def optimized_batches(self, batch_size: int = 8):
+        """Yield (first index, images on the CPU) for every training slot, from its optimized noise."""
         options = self.sample_options()
-        out = []
         for i in range(0, len(self.noise_prompts), batch_size):
             index = torch.arange(i, min(i + batch_size, len(self.noise_prompts)))
             prompts = [self.noise_prompts[j] for j in index.tolist()]
-            out.append(self(prompts, self.noise_table[index], options.replace(prompt_index=index)).float().clamp(0, 1).cpu())
-        return torch.cat(out)
+            yield i, self(prompts, self.noise_table[index], options.replace(prompt_index=index)).float().clamp(0, 1).cpu()
+
+    def optimized_images(self, batch_size: int = 8) -> torch.Tensor:
+        """The images of every training slot from its optimized noise, (N, 3, H, W) on the CPU."""
+        return torch.cat([images for _, images in self.optimized_batches(batch_size)])
 
     def after_fit(self, run_dir) -> str:
         """With training = 'noise', the result is the images: write one PNG per training prompt."""
@@ -328,8 +330,10 @@ class DiffusionGenerator(Generator):
         folder = Path(run_dir) / "images"
         was = self.training
         self.eval()
+        paths = []
         try:
-            paths = save_pngs(self.optimized_images(), folder)
+            for start, images in self.optimized_batches():  # written batch by batch: N images need not fit in memory
+                paths += save_pngs(images, folder, start=start)
         finally:
             self.train(was)
         index = [{"index": i, "prompt": p, "file": path.name} for i, (p, path) in enumerate(zip(self.noise_prompts, paths))]

@@ -17,8 +17,6 @@ likelihood per prompt. Only for generators that optimize their noise
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import NonNegativeFloat
 
@@ -33,11 +31,14 @@ class NoiseNormOptions(PluginOptions):
 
 
 def chi_square_nll(z: torch.Tensor) -> torch.Tensor:
-    """Per row of z (N, ...): the chi-square negative log-likelihood of ||z||^2, 0 at its minimum."""
+    """Per row of z (N, ...): the chi-square negative log-likelihood of ||z||^2, 0 at its minimum.
+
+    With k = d/2 - 1 and u = r / (d - 2) it is k (u - 1 - log u), computed in float64: at
+    SD3's d = 262144 the two large terms of the plain form cancel below float32's resolution.
+    """
     d = z[0].numel()
-    r = z.float().flatten(1).pow(2).sum(1)
-    k = d / 2 - 1
-    return r / 2 - k * torch.log(r) - ((d - 2) / 2 - k * math.log(d - 2))
+    u = z.double().flatten(1).pow(2).sum(1) / (d - 2)
+    return ((d / 2 - 1) * (u - 1 - torch.log(u))).to(z.dtype)
 
 
 class NoiseNorm(Regularizer):

@@ -24,7 +24,7 @@ import math
 from typing import Literal, Sequence
 
 import torch
-from pydantic import Field, PositiveFloat
+from pydantic import Field, PositiveFloat, model_validator
 
 from rewardkit.errors import UserError
 from rewardkit.generators.sd import SDOptions, StableDiffusion
@@ -100,6 +100,12 @@ class DigitClassifierOptions(RewardOptions):
     """Cap log p(digit | image) at log(confidence) (log_prob only). Past the cap the reward's
     gradient is exactly zero, so per-sample gradient normalization cannot blow a vanishing
     gradient up into adversarial detail on images the classifier already reads right."""
+
+    @model_validator(mode="after")
+    def _confidence_caps_log_prob(self):
+        if self.confidence is not None and self.score != "log_prob":
+            raise ValueError("confidence caps score = 'log_prob'; with score = 'margin' leave it unset")
+        return self
 
 
 class DigitClassifier(Reward):
