@@ -123,20 +123,21 @@ def train_and_evaluate(recipe: dict, ref, per_digit: int, eval_seed: int, every_
 def reno_and_evaluate(recipe: dict, ref, per_digit: int) -> list[dict]:
     """ReNO through the same Optimizer: the training prompts are the evaluation prompts, one noise each.
 
-    Nothing is amortized, so the optimization time is part of each image's cost.
+    Its optimization time is counted like R0's training time (the sum of the steps' times, without
+    start-up, grids or checkpoints); nothing is amortized, so it is also part of each image's cost.
     """
+    from rewardkit.metrics import read_metrics
     from rewardkit.optimizer import Optimizer
     from rewardkit.recipe import load_recipe
 
     opt = Optimizer.from_recipe(load_recipe(recipe))
-    t0 = time.perf_counter()
     opt.fit()
-    fit_seconds = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    train_seconds = sum(h["time/step"] for h in read_metrics(Path(recipe["run"]["dir"]) / "metrics.jsonl"))
+    t0 = time.perf_counter()
     images = opt.generator.optimized_images(batch_size=100)
-    sample_seconds = time.perf_counter() - t1
+    sample_seconds = time.perf_counter() - t0
     row = ref.score(images, torch.arange(10).repeat_interleave(per_digit))
-    row.update(step=recipe["run"]["steps"], train_seconds=fit_seconds, ms_per_image=1000 * (fit_seconds + sample_seconds) / len(images))
+    row.update(step=recipe["run"]["steps"], train_seconds=train_seconds, ms_per_image=1000 * (train_seconds + sample_seconds) / len(images))
     return [row]
 
 
@@ -174,14 +175,22 @@ def job(task: dict):
     return train_and_evaluate(recipe, _REFERENCE, per_digit, EVAL_SEED + seed, name in ("r0", "r0plus") and not task.get("probe"))
 
 
-def run_jobs(pool, tasks: list[dict], log) -> list:
+def run_jobs(pool, tasks: list[dict], log, save=None) -> list:
+    """Results in task order; the first failure cancels what has not started and is raised."""
     futures = [pool.submit(job, t) for t in tasks]
     out = []
-    for t, f in zip(tasks, futures):
-        out.append(f.result())
-        rows = out[-1] if isinstance(out[-1], list) else [out[-1]]
-        if not t.get("probe"):
-            log(f"{t['name']} seed {t['seed']}: accuracy {rows[-1]['accuracy']:.3f}, frechet {rows[-1]['frechet']:.2f}")
+    try:
+        for t, f in zip(tasks, futures):
+            out.append(f.result())
+            rows = out[-1] if isinstance(out[-1], list) else [out[-1]]
+            if not t.get("probe"):
+                log(f"{t['name']} seed {t['seed']}: accuracy {rows[-1]['accuracy']:.3f}, frechet {rows[-1]['frechet']:.2f}")
+                if save:
+                    save(t, rows)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
     return out
 
 
@@ -243,12 +252,19 @@ def main(argv=None) -> int:
     names += ["one_reward", "three_rewards"] if "d" in claims else []
     teachers = {"teacher, 25 steps, CFG 2": "teacher:25:2.0", "teacher, 4 steps, untrained": "teacher:4:1.0"}
     runs: dict[str, list] = {}
+    done: list = []
+
+    def save(task, rows):  # keep what is done, should a later run fail
+        if args.json:
+            done.append({"name": task["name"], "seed": task["seed"], "rows": rows})
+            args.json.write_text(json.dumps({"partial": done}, indent=2, default=float))
+
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         # R0 first: the baselines of (f) get its training time.
         batch = [t for n in names for t in tasks(n)] + [t for key in teachers.values() for t in tasks(key)]
         if "f" in claims:  # time per step of each baseline, measured on a short run
             batch += [t | {"steps": 3, "probe": True} for n in ("draft", "reno") for t in tasks(n)[:1]]
-        results = run_jobs(pool, batch, log)
+        results = run_jobs(pool, batch, log, save)
         for t, rows in zip(batch, results):
             if not t.get("probe"):
                 runs.setdefault(t["name"], []).append(rows if isinstance(rows, list) else [rows])
@@ -256,7 +272,7 @@ def main(argv=None) -> int:
             r0_time = statistics.fmean(r[-1]["train_seconds"] for r in runs["r0"])
             probes = {t["name"]: rows[-1]["train_seconds"] / 3 for t, rows in zip(batch, results) if t.get("probe")}
             base = [t | {"steps": max(1, int(r0_time / probes[n]))} for n in ("draft", "reno") for t in tasks(n)]
-            for t, rows in zip(base, run_jobs(pool, base, log)):
+            for t, rows in zip(base, run_jobs(pool, base, log, save)):
                 runs.setdefault(t["name"], []).append(rows)
     raw["runs"] = runs
     final = {k: [r[-1] for r in v] for k, v in runs.items() if not k.startswith("teacher")}

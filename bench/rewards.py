@@ -94,7 +94,7 @@ def build_tiny(tmp: Path) -> dict:
     except ImportError:
         pass
     try:
-        import rewardkit_imagereward
+        import rewardkit_imagereward  # noqa: F401  (installed?)
         from rewardkit_imagereward.model import ImageRewardModel
 
         torch.manual_seed(0)
