@@ -103,3 +103,30 @@ def test_a_nan_on_one_process_skips_the_step_on_all(tmp_path, write_recipe):
     history = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in history if r["skipped"]] == [2]
     assert history[-1]["nonfinite_total"] == 1
+
+
+def test_noise_optimization_shards_prompt_positions(tmp_path, write_recipe):
+    """ReNO-style runs under 2 processes: each sample keeps its prompt's noise row (SampleOptions.prompt_index
+    is sharded with the batch), so the optimized table equals the single-process one."""
+    from rewardkit.testbed import data
+
+    def noise_recipe(run_dir):
+        prompts = [data.prompt(d) for d in range(10)] + ["a handwritten digit 3"]  # a repeated prompt keeps its own row
+        return {
+            "run": {"dir": str(run_dir), "steps": 4, "batch_size": 4, "sample_every": 0, "checkpoint_every": 0, "progress": False, "trackers": []},
+            "prompts": {"train": prompts},
+            "generator": {"type": "testbed", "num_steps": 2, "training": "noise", "report": False},
+            "optimizer": {"name": "adam", "lr": 0.05},
+            "rewards": {"digit_classifier": {}},
+            "regularizers": {"noise_norm": {"weight": 1.0}, "normalize_gradients": {}},
+        }
+
+    Optimizer.from_recipe(noise_recipe(tmp_path / "one")).fit()
+    proc = run_cli("run", str(write_recipe(noise_recipe(tmp_path / "two"))), "--num-processes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one = load_file(tmp_path / "one" / "checkpoints" / "step_000004" / "generator.safetensors")["noise_table"]
+    two = load_file(tmp_path / "two" / "checkpoints" / "step_000004" / "generator.safetensors")["noise_table"]
+    init = torch.randn(one.shape, generator=torch.Generator().manual_seed(0))
+    assert (one - init).abs().amax(dim=(1, 2, 3)).gt(0).sum() >= 8  # most rows were optimized
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 11  # written once, by rank 0
