@@ -147,3 +147,26 @@ def test_resuming_a_noise_run_with_other_prompts_is_refused(tmp_path):
     fewer = Optimizer.from_recipe(load_recipe(_testbed_recipe(tmp_path / "run", prompts[:9], 4, 1.0)))
     with pytest.raises(UserError, match=r"noise_table \(10, 4, 8, 8\) \(expected \(9, 4, 8, 8\)\)"):
         fewer.fit(resume=True)
+
+
+def test_a_resumed_noise_run_matches_an_uninterrupted_one(tmp_path):
+    """The noise table and its Adam state survive a checkpoint: 2 + 2 steps equal 4 straight."""
+    from safetensors.torch import load_file
+
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.recipe import load_recipe
+    from rewardkit.testbed import data
+
+    prompts = [data.prompt(d) for d in range(10)]
+
+    def recipe(run_dir, steps):
+        r = _testbed_recipe(run_dir, prompts, steps, 1.0)
+        r["run"]["checkpoint_every"] = 2
+        return load_recipe(r)
+
+    Optimizer.from_recipe(recipe(tmp_path / "straight", 4)).fit()
+    Optimizer.from_recipe(recipe(tmp_path / "resumed", 2)).fit()
+    Optimizer.from_recipe(recipe(tmp_path / "resumed", 4)).fit(resume=True)
+    table = lambda run: load_file(tmp_path / run / "checkpoints" / "step_000004" / "generator.safetensors")["noise_table"]  # noqa: E731
+    assert not torch.equal(table("straight"), torch.randn(table("straight").shape, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(table("resumed"), table("straight"), rtol=0, atol=0)
