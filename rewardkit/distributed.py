@@ -64,13 +64,22 @@ def check(batch_size: int, num_processes: int, config: str) -> Path | None:
             f"use a batch size that is a multiple of {num_processes}"
         )
     config_path = resolve_config(config)
-    kind = _distributed_type(config_path)
-    if kind not in DATA_PARALLEL:
+    settings = _read_config(config_path)
+    kind = str(settings.get("distributed_type", "NO")).upper()
+    if kind not in (*DATA_PARALLEL, "FSDP"):
         raise UserError(
-            f"run.accelerate_config {config}: distributed_type {kind} is not supported; rewardkit writes sample grids, "
-            "evaluations and checkpoints from the whole generator on rank 0, which sharded training (FSDP, DeepSpeed) "
-            "does not hold. Use data parallelism ('ddp')."
+            f"run.accelerate_config {config}: distributed_type {kind} is not supported (DeepSpeed is not yet); "
+            "use data parallelism ('ddp') or sharded data parallelism ('fsdp')"
         )
+    if kind == "FSDP":
+        fsdp = settings.get("fsdp_config") or {}
+        if int(fsdp.get("fsdp_version", 1)) != 2:
+            raise UserError(f"run.accelerate_config {config}: rewardkit runs FSDP2; set fsdp_config.fsdp_version: 2 (or use 'fsdp')")
+        if str(fsdp.get("fsdp_reshard_after_forward", True)).lower() != "false":
+            raise UserError(
+                f"run.accelerate_config {config}: fsdp_reshard_after_forward must be false: weight_l2 is computed on the "
+                "parameters after the forward pass, which full resharding would leave sharded (see docs/scaling.md)"
+            )
     import torch
 
     if not torch.cuda.is_available():
@@ -88,7 +97,7 @@ def check(batch_size: int, num_processes: int, config: str) -> Path | None:
 DATA_PARALLEL = ("NO", "MULTI_GPU", "MULTI_CPU")
 
 
-def _distributed_type(path: Path) -> str:
+def _read_config(path: Path) -> dict:
     import json
 
     import yaml
@@ -100,7 +109,7 @@ def _distributed_type(path: Path) -> str:
         raise UserError(f"accelerate config {path}: cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"accelerate config {path}: expected a mapping of settings")
-    return str(data.get("distributed_type", "NO")).upper()
+    return data
 
 
 def launch(rewardkit_args: list[str], num_processes: int, config_path: Path | None) -> int:

@@ -151,6 +151,7 @@ class Optimizer:
     # ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
@@ -183,17 +184,9 @@ class Optimizer:
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         start_step, nonfinite_total = 0, 0
         checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if checkpoint is not None:
+        if checkpoint is not None:  # weights now (FSDP shards what it is given); optimizer state once prepared
             gen_state, optim_state, rng_state, state = load_checkpoint(checkpoint)
             gen.load_trainable_state_dict(gen_state)
-            optim.load_state_dict(optim_state["optimizer"])
-            if state.get("total_steps", run.steps) == run.steps:
-                schedule.load_state_dict(optim_state["schedule"])
-            else:  # run.steps changed (extending a run): the new schedule, advanced to this step
-                for group in optim.param_groups:
-                    group["lr"] = group["initial_lr"] = self.optim.lr
-                schedule = _lr_schedule(self.optim, optim, run.steps)
-                _fast_forward(schedule, state["step"])
             data_rng.set_state(rng_state["data"])
             torch.set_rng_state(rng_state["torch"])
             start_step, nonfinite_total = state["step"], state["nonfinite_total"]
@@ -204,14 +197,30 @@ class Optimizer:
             metrics.truncate_after(start_step if checkpoint is not None else -1)
             _write_recipe(run_dir, self.recipe(), resumed=checkpoint is not None)
         model, optim = accelerator.prepare(gen, optim)
+        # FSDP replaces each parameter by its shard and only then can take optimizer state; its forward is a
+        # collective, so every process takes part in drawing grids and evaluations (rank 0 still writes alone).
+        sharded = accelerator.distributed_type == DistributedType.FSDP
+        draws = main or sharded
+        params = [p for p in model.parameters() if p.requires_grad]
+        if checkpoint is not None:
+            _load_optimizer_state(gen, optim.optimizer, optim_state["optimizer"])
+            if state.get("total_steps", run.steps) == run.steps:
+                schedule.load_state_dict(optim_state["schedule"])
+            else:  # run.steps changed (extending a run): the new schedule, advanced to this step
+                for group in optim.param_groups:
+                    group["lr"] = group["initial_lr"] = self.optim.lr
+                schedule = _lr_schedule(self.optim, optim.optimizer, run.steps)
+                _fast_forward(schedule, state["step"])
         if run.trackers:
             accelerator.init_trackers("rewardkit")
 
         sample_noise = fixed_noise(gen, len(self.sample_prompts), run.seed + SAMPLE_SEED_OFFSET)
-        if start_step == 0 and main:
-            save_grid(generate(gen, self.sample_prompts, sample_noise), run_dir / "samples" / "step_000000.png")
+        if start_step == 0 and draws:
+            self._grid(gen, sample_noise, run_dir / "samples" / "step_000000.png", main)
             if self.evaluation:
-                metrics.write({"step": 0, **self._evaluate(gen)})
+                evaluated = self._evaluate(gen)
+                if main:
+                    metrics.write({"step": 0, **evaluated})
 
         from tqdm.auto import tqdm
 
@@ -309,7 +318,7 @@ class Optimizer:
                 "memory/peak_mb": _peak_memory_mb(accelerator.device),
             }
             last = step == run.steps
-            if main and self.evaluation and (last or (self.evaluation.every and step % self.evaluation.every == 0)):
+            if draws and self.evaluation and (last or (self.evaluation.every and step % self.evaluation.every == 0)):
                 record.update(self._evaluate(gen))
             if main:
                 metrics.write(record)
@@ -324,16 +333,19 @@ class Optimizer:
                     f"Each was skipped; the last good checkpoint is {latest_checkpoint(run_dir / 'checkpoints')}. "
                     "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN."
                 )
-            if main and (last or (run.sample_every and step % run.sample_every == 0)):
-                save_grid(generate(gen, self.sample_prompts, sample_noise), run_dir / "samples" / f"step_{step:06d}.png")
+            if draws and (last or (run.sample_every and step % run.sample_every == 0)):
+                self._grid(gen, sample_noise, run_dir / "samples" / f"step_{step:06d}.png", main)
             if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
                 accelerator.wait_for_everyone()
+                # whole tensors and FQN-keyed optimizer state, gathered from the shards under FSDP (every
+                # process takes part): a checkpoint resumes under any process count and configuration
+                weights, optimizer_state = gen.trainable_state_dict(), _optimizer_state(gen, optim.optimizer)
                 if main:
                     save_checkpoint(
                         run_dir / "checkpoints",
                         step,
-                        accelerator.unwrap_model(model).trainable_state_dict(),
-                        {"optimizer": optim.state_dict(), "schedule": schedule.state_dict()},
+                        weights,
+                        {"optimizer": optimizer_state, "schedule": schedule.state_dict()},
                         {"data": data_rng.get_state(), "torch": torch.get_rng_state()},
                         {"nonfinite_total": nonfinite_total, "total_steps": run.steps},
                         keep=run.keep_checkpoints,
@@ -352,8 +364,17 @@ class Optimizer:
         if main:
             summary = {"step": record.get("step", start_step), "final_metrics": record, "checkpoint": str(final) if final else None}
             _write_json(run_dir / "summary.json", summary)
-            report = gen.after_fit(run_dir)
+            if sharded:  # after_fit runs on rank 0 alone, which a sharded generator cannot do
+                log.info("no end-of-run report under sharded training; the checkpoint holds the whole generator")
+            else:
+                report = gen.after_fit(run_dir)
         return FitResult(run_dir, record.get("step", start_step), record, final, report)
+
+    def _grid(self, gen, noise, path: Path, write: bool) -> None:
+        images = generate(gen, self.sample_prompts, noise)
+        _reshard(gen)
+        if write:
+            save_grid(images, path)
 
     def _evaluate(self, gen) -> dict:
         """Held-out rewards of the current generator, on fixed prompts and noise."""
@@ -362,6 +383,7 @@ class Optimizer:
         ev = self.evaluation
         prompts = [p for p in ev.prompts for _ in range(ev.n_per_prompt)]
         images = generate(gen, prompts, fixed_noise(gen, len(prompts), ev.seed))
+        _reshard(gen)
         scores = score_rewards(self.eval_rewards, images, prompts, batch_size=self.run.batch_size)
         return {f"eval/{label}": s.mean().item() for label, s in scores.items()}
 
@@ -408,6 +430,32 @@ def _shard_options(options, shard: slice):
     """Slice per-sample tensors of the sampling options to this process's shard."""
     changes = {k: v[shard] for k, v in vars(options).items() if isinstance(v, torch.Tensor) and v.dim() > 0}
     return options.replace(**changes) if changes else options
+
+
+def _reshard(gen) -> None:
+    """FSDP leaves parameters gathered after a forward without gradient (the root's always, every group's
+    without reshard_after_forward): shard them again, so the optimizer and the checkpoint see their shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in gen.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _optimizer_state(gen, optim) -> dict:
+    """The optimizer's whole state keyed by parameter name (gathered from shards under FSDP; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(gen, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(gen, optim, saved: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if all(isinstance(i, int) for group in saved["param_groups"] for i in group["params"]):
+        optim.load_state_dict(saved)  # a checkpoint from before name-keyed optimizer state (single process or DDP)
+        return
+    set_optimizer_state_dict(gen, optim, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def _torch_optimizer(cfg: OptimizerSection, params):

@@ -73,11 +73,18 @@ def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, wri
         (["run.accelerate_config=dpp"], "run.accelerate_config: no shipped accelerate config named 'dpp' (did you mean 'ddp'?)"),
         (["--num-processes", "0"], "--num-processes must be at least 1"),
     ]
-    (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\n")
-    cases.append(([f"run.accelerate_config={tmp_path / 'fsdp.yaml'}", "--num-processes", "2"], "distributed_type FSDP is not supported"))
+    configs = {
+        "fsdp1.yaml": ("distributed_type: FSDP\n", "rewardkit runs FSDP2; set fsdp_config.fsdp_version: 2"),
+        "full_shard.yaml": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n", "fsdp_reshard_after_forward must be false"),
+        "zero3.yaml": ("distributed_type: DEEPSPEED\n", "distributed_type DEEPSPEED is not supported (DeepSpeed is not yet)"),
+    }
+    for name, (text, message) in configs.items():
+        (tmp_path / name).write_text(text)
+        cases.append(([f"run.accelerate_config={tmp_path / name}", "--num-processes", "2"], message))
     if not torch.cuda.is_available():
         (tmp_path / "gpus.yaml").write_text("distributed_type: MULTI_GPU\n")
         cases.append(([f"run.accelerate_config={tmp_path / 'gpus.yaml'}", "--num-processes", "2"], "needs CUDA GPUs"))
+        cases.append((["run.accelerate_config=fsdp", "--num-processes", "2"], "accelerate config 'fsdp' needs CUDA GPUs"))  # FSDP asked on CPU
     existing = write_recipe(recipe(tmp_path / "done", steps=1), "done.toml")
     assert main(["run", str(existing)]) == 0
     capsys.readouterr()

@@ -92,8 +92,11 @@ class Generator(Configurable, torch.nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, as saved in checkpoints."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """The trainable tensors, whole, as saved in checkpoints.
+
+        Under FSDP each process holds a shard: this gathers them, so every process must call it.
+        """
+        return {n: full_tensor(p).detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
@@ -128,4 +131,25 @@ class Generator(Configurable, torch.nn.Module):
         if self._reference is None:
             raise RuntimeError("snapshot_reference() was not called before squared_distance_to_reference()")
         params = dict(self.named_parameters())
-        return sum(((params[n] - ref) ** 2).sum() for n, ref in self._reference.items())
+        total = 0.0
+        for n, ref in self._reference.items():
+            p = params[n]
+            if is_sharded(p):  # FSDP: theta_0 is sharded like its parameter, once
+                if not is_sharded(ref):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    ref = self._reference[n] = distribute_tensor(ref, p.device_mesh, p.placements)
+            total = total + full_tensor(((p - ref) ** 2).sum())
+        return total
+
+
+def is_sharded(t) -> bool:
+    """True for a DTensor: a parameter sharded by FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every process calls it), else t itself."""
+    return t.full_tensor() if is_sharded(t) else t

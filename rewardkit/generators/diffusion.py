@@ -35,12 +35,14 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from rewardkit.errors import UserError
-from rewardkit.generators.base import Generator, SampleOptions
+from rewardkit.generators.base import Generator, SampleOptions, full_tensor
 from rewardkit.options import PluginOptions
 
 log = logging.getLogger("rewardkit")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Blocks of the denoisers, VAEs and text encoders that FSDP shards as units.
+FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer", "T5Block")
 
 
 class DiffusionOptions(PluginOptions):
@@ -183,6 +185,9 @@ class DiffusionGenerator(Generator):
             self.vae.enable_slicing()
         elif self.options.vae_decode == "tiled":
             self.vae.enable_tiling()
+
+        # FSDP's shard groups (accelerate's transformer-based wrap reads this): the repeated blocks present
+        self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(FSDP_BLOCKS))
 
         factor = pipe.vae_scale_factor * self._patch_size()
         native = self.denoiser.config.sample_size * pipe.vae_scale_factor
@@ -431,11 +436,12 @@ class DiffusionGenerator(Generator):
                 if name not in layer.lora_A:
                     continue
                 if layer.use_dora.get(name, False):
-                    total = total + (layer.get_delta_weight(name).float() ** 2).sum()
+                    total = total + full_tensor((layer.get_delta_weight(name).float() ** 2).sum())
                     continue
                 a = layer.lora_A[name].weight.float().flatten(1)  # (r, in * k * k)
                 b = layer.lora_B[name].weight.float().flatten(1)  # (out, r)
-                total = total + layer.scaling[name] ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+                # under FSDP a and b are shards: the rank x rank products and the sum are reduced, then gathered
+                total = total + layer.scaling[name] ** 2 * full_tensor(((b.T @ b) * (a @ a.T)).sum())
         return total
 
     # --- export ------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Sharded data parallelism (FSDP2, the shipped `fsdp` config) proven on 2 CPU processes.
+
+accelerate enters FSDP only from a GPU state, so these runs go through
+tests/fsdp_on_cpu.py, which applies the shipped configuration as `accelerate
+launch` would and pins the accelerator to FSDP: accelerate's own FSDP2
+preparation and torch's fully_shard then run on gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardkit import Optimizer
+from rewardkit.metrics import read_metrics
+
+HARNESS = Path(__file__).parent / "fsdp_on_cpu.py"
+
+
+def run_fsdp(recipe_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+           str(HARNESS), "run", str(recipe_path), *extra]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def lora_recipe(run_dir: Path, steps: int) -> dict:
+    return {
+        "run": {"dir": str(run_dir), "steps": steps, "batch_size": 4, "checkpoint_every": 2, "keep_checkpoints": 5, "trackers": [], "progress": False},
+        "prompts": {"train": [f"a handwritten digit {d}" for d in range(6)]},
+        "generator": {"type": "testbed", "num_steps": 2, "training": "lora", "lora_rank": 4, "report": False},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "rewards": {"digit_classifier": {}},
+        "regularizers": {"weight_l2": {"weight": 10.0}, "random_eta": {}, "normalize_gradients": {}},
+    }
+
+
+def weights(run_dir: Path, step: int) -> dict:
+    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "generator.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fsdp") / "straight"
+    Optimizer.from_recipe(lora_recipe(run_dir, 4)).fit()
+    return run_dir
+
+
+def test_fsdp_equals_one_process(straight, tmp_path, write_recipe):
+    """LoRA on the testbed teacher, every block its own shard group: the same run as one process."""
+    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "run", 4)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 4") == 1, "only rank 0 reports"
+    sharded, single = weights(tmp_path / "run", 4), weights(straight, 4)
+    assert set(sharded) == set(single) and all(v.shape == single[k].shape for k, v in sharded.items())  # whole tensors
+    for k in single:
+        torch.testing.assert_close(sharded[k], single[k], rtol=1e-5, atol=1e-5)
+    assert any(float(v.abs().max()) > 0 for k, v in single.items() if "lora_B" in k)  # it trained
+    logged = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    expected = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(straight / "metrics.jsonl")]
+    assert [s for s, *_ in logged] == [1, 2, 3, 4], "each step logged once, by one process"
+    torch.testing.assert_close(torch.tensor([r[1:] for r in logged]), torch.tensor([r[1:] for r in expected]), rtol=1e-4, atol=1e-6)
+    optimizer_state = torch.load(tmp_path / "run" / "checkpoints" / "step_000004" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert set(optimizer_state["state"]) == set(single)  # name-keyed, gathered from the shards
+
+
+def test_resume_between_fsdp_and_one_process(straight, tmp_path, write_recipe):
+    # 1 process for 2 steps, then FSDP to the end
+    Optimizer.from_recipe(lora_recipe(tmp_path / "a", 2)).fit()
+    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "a", 4), "a.toml"), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # FSDP for 2 steps, then 1 process to the end
+    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "b", 2), "b.toml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    Optimizer.from_recipe(lora_recipe(tmp_path / "b", 4)).fit(resume=True)
+    single = weights(straight, 4)
+    for run in ("a", "b"):
+        resumed = weights(tmp_path / run, 4)
+        for k in single:
+            torch.testing.assert_close(resumed[k], single[k], rtol=1e-5, atol=1e-5)
