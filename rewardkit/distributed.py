@@ -75,11 +75,6 @@ def check(batch_size: int, num_processes: int, config: str) -> Path | None:
         fsdp = settings.get("fsdp_config") or {}
         if int(fsdp.get("fsdp_version", 1)) != 2:
             raise UserError(f"run.accelerate_config {config}: rewardkit runs FSDP2; set fsdp_config.fsdp_version: 2 (or use 'fsdp')")
-        if str(fsdp.get("fsdp_reshard_after_forward", True)).lower() != "false":
-            raise UserError(
-                f"run.accelerate_config {config}: fsdp_reshard_after_forward must be false: weight_l2 is computed on the "
-                "parameters after the forward pass, which full resharding would leave sharded (see docs/scaling.md)"
-            )
     import torch
 
     if not torch.cuda.is_available():

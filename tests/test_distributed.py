@@ -75,7 +75,6 @@ def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, wri
     ]
     configs = {
         "fsdp1.yaml": ("distributed_type: FSDP\n", "rewardkit runs FSDP2; set fsdp_config.fsdp_version: 2"),
-        "full_shard.yaml": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n", "fsdp_reshard_after_forward must be false"),
         "zero3.yaml": ("distributed_type: DEEPSPEED\n", "distributed_type DEEPSPEED is not supported (DeepSpeed is not yet)"),
     }
     for name, (text, message) in configs.items():

@@ -134,13 +134,25 @@ class Generator(Configurable, torch.nn.Module):
         total = 0.0
         for n, ref in self._reference.items():
             p = params[n]
-            if is_sharded(p):  # FSDP: theta_0 is sharded like its parameter, once
-                if not is_sharded(ref):
-                    from torch.distributed.tensor import distribute_tensor
-
-                    ref = self._reference[n] = distribute_tensor(ref, p.device_mesh, p.placements)
-            total = total + full_tensor(((p - ref) ** 2).sum())
+            if is_sharded(p):
+                total = total + self._sharded_distance(n, p)
+            else:
+                total = total + ((p - ref) ** 2).sum()
         return total
+
+    def _sharded_distance(self, name: str, p) -> torch.Tensor:
+        """||p - p_0||^2 of an FSDP shard: the whole parameter's value, the gradient of this process's shard
+        (FSDP adds each process's gradient into its own shard, so it must have the shard's shape)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import distribute_tensor
+
+        shards = self.__dict__.setdefault("_reference_shards", {})
+        if name not in shards:  # theta_0 split like its parameter, once
+            shards[name] = distribute_tensor(self._reference[name].to(p.device), p.device_mesh, p.placements).to_local()
+        local = ((p.to_local() - shards[name]) ** 2).sum()
+        total = local.detach().clone()
+        dist.all_reduce(total, group=p.device_mesh.get_group())
+        return total + local - local.detach()
 
 
 def is_sharded(t) -> bool:

@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from rewardkit.errors import UserError
-from rewardkit.generators.base import Generator, SampleOptions, full_tensor
+from rewardkit.generators.base import Generator, SampleOptions, full_tensor, is_sharded
 from rewardkit.options import PluginOptions
 
 log = logging.getLogger("rewardkit")
@@ -84,6 +84,30 @@ class DiffusionOptions(PluginOptions):
     Trainable weights stay float32 (master weights); compute precision follows run.mixed_precision."""
     vae_decode: Literal["full", "sliced", "tiled"] = "full"
     """'sliced': decode one image at a time; 'tiled': decode in overlapping tiles (large images)."""
+
+
+def _sharded_lora_penalty(A, B, scale: float) -> torch.Tensor:
+    """||scale * B A||_F^2 for FSDP-sharded LoRA weights: the value of the whole layer, the gradient of this
+    process's rows only.
+
+    FSDP adds each process's gradient into that process's shard, so the gradient must have the
+    shard's shape: it is built from the local rows (d/dB = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A)
+    with the rank x rank factors gathered without gradient, and attached through a surrogate.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    s2 = scale**2
+    a_loc, b_loc = A.to_local().float().flatten(1), B.to_local().float().flatten(1)
+    with torch.no_grad():
+        a_full, b_full = A.full_tensor().float().flatten(1), B.full_tensor().float().flatten(1)
+        G, H = b_full.T @ b_full, a_full @ a_full.T
+        value = s2 * (G * H).sum()
+        grad_a_full = (2 * s2 * G @ a_full).view(A.shape)
+        # this process's rows of dA, laid out exactly as A is sharded
+        grad_a = DTensor.from_local(grad_a_full, A.device_mesh, [Replicate()] * A.device_mesh.ndim).redistribute(placements=A.placements).to_local()
+        grad_b = 2 * s2 * b_loc @ H
+    surrogate = (grad_a.float().flatten(1) * a_loc).sum() + (grad_b * b_loc).sum()
+    return value + surrogate - surrogate.detach()
 
 
 def eta_matrix(eta: float | torch.Tensor, batch: int, steps: int, device) -> torch.Tensor:
@@ -438,10 +462,12 @@ class DiffusionGenerator(Generator):
                 if layer.use_dora.get(name, False):
                     total = total + full_tensor((layer.get_delta_weight(name).float() ** 2).sum())
                     continue
-                a = layer.lora_A[name].weight.float().flatten(1)  # (r, in * k * k)
-                b = layer.lora_B[name].weight.float().flatten(1)  # (out, r)
-                # under FSDP a and b are shards: the rank x rank products and the sum are reduced, then gathered
-                total = total + layer.scaling[name] ** 2 * full_tensor(((b.T @ b) * (a @ a.T)).sum())
+                A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+                if is_sharded(A):
+                    total = total + _sharded_lora_penalty(A, B, layer.scaling[name])
+                    continue
+                a, b = A.float().flatten(1), B.float().flatten(1)  # (r, in * k * k), (out, r)
+                total = total + layer.scaling[name] ** 2 * ((b.T @ b) * (a @ a.T)).sum()
         return total
 
     # --- export ------------------------------------------------------------------------
