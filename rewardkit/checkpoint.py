@@ -43,11 +43,11 @@ def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng
     save_file(rng_state, tmp / "rng.safetensors")
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **state}, indent=2))
     for f in tmp.iterdir():
-        _fsync(f)
+        fsync(f)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         _discard(final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync(root)
     for old in list_checkpoints(root)[:-keep]:
         _discard(old)
     return final
@@ -89,7 +89,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

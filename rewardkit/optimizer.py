@@ -337,9 +337,10 @@ class Optimizer:
                 self._grid(gen, sample_noise, run_dir / "samples" / f"step_{step:06d}.png", main)
             if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
                 accelerator.wait_for_everyone()
-                # whole tensors and FQN-keyed optimizer state, gathered from the shards under FSDP (every
+                # whole tensors and FQN-keyed optimizer state, gathered from the shards under FSDP (then every
                 # process takes part): a checkpoint resumes under any process count and configuration
-                weights, optimizer_state = gen.trainable_state_dict(), _optimizer_state(gen, optim.optimizer)
+                if main or sharded:
+                    weights, optimizer_state = gen.trainable_state_dict(), _optimizer_state(gen, optim.optimizer)
                 if main:
                     save_checkpoint(
                         run_dir / "checkpoints",
@@ -372,7 +373,6 @@ class Optimizer:
 
     def _grid(self, gen, noise, path: Path, write: bool) -> None:
         images = generate(gen, self.sample_prompts, noise)
-        _reshard(gen)
         if write:
             save_grid(images, path)
 
@@ -383,7 +383,6 @@ class Optimizer:
         ev = self.evaluation
         prompts = [p for p in ev.prompts for _ in range(ev.n_per_prompt)]
         images = generate(gen, prompts, fixed_noise(gen, len(prompts), ev.seed))
-        _reshard(gen)
         scores = score_rewards(self.eval_rewards, images, prompts, batch_size=self.run.batch_size)
         return {f"eval/{label}": s.mean().item() for label, s in scores.items()}
 
@@ -430,16 +429,6 @@ def _shard_options(options, shard: slice):
     """Slice per-sample tensors of the sampling options to this process's shard."""
     changes = {k: v[shard] for k, v in vars(options).items() if isinstance(v, torch.Tensor) and v.dim() > 0}
     return options.replace(**changes) if changes else options
-
-
-def _reshard(gen) -> None:
-    """FSDP leaves parameters gathered after a forward without gradient (the root's always, every group's
-    without reshard_after_forward): shard them again, so the optimizer and the checkpoint see their shards."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in gen.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def _optimizer_state(gen, optim) -> dict:

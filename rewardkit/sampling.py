@@ -34,7 +34,18 @@ def generate(generator, prompts: Sequence[str], noise: torch.Tensor, options=Non
         ]
     finally:
         generator.train(was_training)
+        _reshard(generator)
     return torch.cat(chunks)
+
+
+def _reshard(generator) -> None:
+    """FSDP leaves parameters gathered after a forward without gradient (the root's always): shard them
+    again, so the optimizer and the checkpoint see the shards they hold. A no-op for unsharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in generator.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:

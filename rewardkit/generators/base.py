@@ -58,6 +58,7 @@ class Generator(Configurable, torch.nn.Module):
         torch.nn.Module.__init__(self)
         self._set_options(options)
         self._reference: dict[str, torch.Tensor] | None = None
+        self._reference_shards: dict[str, torch.Tensor] = {}  # theta_0 split like its FSDP-sharded parameter
 
     def setup(self, prompts: Sequence[str], seed: int) -> None:
         """Build or initialize the model; called once before training and
@@ -146,10 +147,9 @@ class Generator(Configurable, torch.nn.Module):
         import torch.distributed as dist
         from torch.distributed.tensor import distribute_tensor
 
-        shards = self.__dict__.setdefault("_reference_shards", {})
-        if name not in shards:  # theta_0 split like its parameter, once
-            shards[name] = distribute_tensor(self._reference[name].to(p.device), p.device_mesh, p.placements).to_local()
-        local = ((p.to_local() - shards[name]) ** 2).sum()
+        if name not in self._reference_shards:  # once
+            self._reference_shards[name] = distribute_tensor(self._reference[name].to(p.device), p.device_mesh, p.placements).to_local()
+        local = ((p.to_local() - self._reference_shards[name]) ** 2).sum()
         total = local.detach().clone()
         dist.all_reduce(total, group=p.device_mesh.get_group())
         return total + local - local.detach()

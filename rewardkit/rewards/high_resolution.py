@@ -69,12 +69,13 @@ def save_classifier(model: HighResolutionClassifier, path: Path, info: dict) -> 
 
     from safetensors.torch import save_file
 
+    from rewardkit.checkpoint import fsync
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp), metadata={"format": FORMAT, "width": str(model.width), "info": json.dumps(info)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it takes the final name
+    fsync(tmp)  # on disk before it takes the final name
     os.replace(tmp, path)
 
 
