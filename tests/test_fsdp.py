@@ -45,6 +45,19 @@ def lora_recipe(run_dir: Path, steps: int, training: str = "lora") -> dict:
     }
 
 
+def assert_adam_runs_agree(a: torch.Tensor, b: torch.Tensor, lr: float, steps: int) -> None:
+    """Two Adam runs that differ only in the order of floating-point sums (one process vs two shards).
+
+    Adam moves a weight by about lr per step whatever its gradient's size, so a weight whose gradient is
+    near zero - its sign decided by summation order - may be moved apart by up to 2 lr per step (on this
+    recipe: 1 of 16,384 weights by 1.3e-5 in one run). Every other weight agrees to float32 rounding.
+    """
+    diff = (a - b).abs()
+    assert diff.max() <= 2 * lr * steps, diff.max()
+    off = diff > 1e-5 + 1e-5 * b.abs()
+    assert int(off.sum()) <= max(1, off.numel() // 1000), f"{int(off.sum())} of {off.numel()} weights differ by more than 1e-5; max {diff.max():.3g}"
+
+
 def weights(run_dir: Path, step: int) -> dict:
     return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "generator.safetensors")
 
@@ -70,8 +83,9 @@ def test_fsdp_equals_one_process(straight, tmp_path, write_recipe, training):
     assert proc.stdout.count("done: step 4") == 1, "only rank 0 reports"
     sharded, single = weights(tmp_path / "run", 4), weights(single_dir, 4)
     assert set(sharded) == set(single) and all(v.shape == single[k].shape for k, v in sharded.items())  # whole tensors
+    lr = lora_recipe(tmp_path, 4, training)["optimizer"]["lr"]
     for k in single:
-        torch.testing.assert_close(sharded[k], single[k], rtol=1e-5, atol=1e-5)
+        assert_adam_runs_agree(sharded[k], single[k], lr, 4)
     logged = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     expected = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(single_dir / "metrics.jsonl")]
     assert expected[-1][2] > 0  # it trained away from theta_0
@@ -94,4 +108,4 @@ def test_resume_between_fsdp_and_one_process(straight, tmp_path, write_recipe):
     for run in ("a", "b"):
         resumed = weights(tmp_path / run, 4)
         for k in single:
-            torch.testing.assert_close(resumed[k], single[k], rtol=1e-5, atol=1e-5)
+            assert_adam_runs_agree(resumed[k], single[k], lora_recipe(tmp_path, 4)["optimizer"]["lr"], 4)
