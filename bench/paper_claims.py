@@ -91,10 +91,9 @@ def train_and_evaluate(recipe: dict, ref, per_digit: int, eval_seed: int, every_
     from rewardkit.checkpoint import load_checkpoint
     from rewardkit.metrics import read_metrics
     from rewardkit.optimizer import Optimizer
-    from rewardkit.recipe import load_recipe
     from rewardkit.testbed.evaluate import evaluate_generator
 
-    opt = Optimizer.from_recipe(load_recipe(recipe))
+    opt = Optimizer.from_recipe(recipe)
     t0 = time.perf_counter()
     opt.fit()
     wall = time.perf_counter() - t0
@@ -126,15 +125,15 @@ def reno_and_evaluate(recipe: dict, ref, per_digit: int) -> list[dict]:
     Its optimization time is counted like R0's training time (the sum of the steps' times, without
     start-up, grids or checkpoints); nothing is amortized, so it is also part of each image's cost.
     """
+    from rewardkit.images import optimized_images
     from rewardkit.metrics import read_metrics
     from rewardkit.optimizer import Optimizer
-    from rewardkit.recipe import load_recipe
 
-    opt = Optimizer.from_recipe(load_recipe(recipe))
+    opt = Optimizer.from_recipe(recipe)
     opt.fit()
     train_seconds = sum(h["time/step"] for h in read_metrics(Path(recipe["run"]["dir"]) / "metrics.jsonl"))
     t0 = time.perf_counter()
-    images = opt.generator.optimized_images(batch_size=100)
+    images = optimized_images(opt.generator, opt.prompts, batch_size=100)
     sample_seconds = time.perf_counter() - t0
     row = ref.score(images, torch.arange(10).repeat_interleave(per_digit))
     row.update(step=recipe["run"]["steps"], train_seconds=train_seconds, ms_per_image=1000 * (train_seconds + sample_seconds) / len(images))

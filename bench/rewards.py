@@ -129,7 +129,8 @@ def _imagereward_with(net, tmp: Path):
 def build_full(tmp: Path) -> dict:
     """Full-size architectures with random weights: no download, for timing on a GPU."""
     rewards = {}
-    from rewardkit_clip import hub, openclip
+    from rewardkit import hub
+    from rewardkit_clip import openclip
 
     saved = hub.resolve, openclip.resolve_pretrained, openclip.load_model
     load_model = openclip.load_model

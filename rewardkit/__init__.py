@@ -5,6 +5,7 @@ first use, so `rewardkit --help` and plugin modules stay fast to import.
 """
 
 from rewardkit.hookspecs import hookimpl
+from rewardkit.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -18,15 +19,10 @@ _LAZY = {
     "Regularizer": "rewardkit.regularizers.base",
     "PluginOptions": "rewardkit.options",
     "load_recipe": "rewardkit.recipe",
+    "Evaluation": "rewardkit.recipe",
     "load_registry": "rewardkit.plugins",
 }
 
 __all__ = ["hookimpl", "__version__", *_LAZY]
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'rewardkit' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -82,13 +82,6 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     return generator_state, optimizer_state, rng_state, state
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a run-directory file so a reader sees the old text or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def fsync(path: Path) -> None:
     """Flush a file (or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -16,14 +16,16 @@ import sys
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of the core commands, plus `commands` registered by plugins (name -> plugins.Command)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--plugin", action="append", default=[], metavar="PATH", help="register a local plugin file (repeatable)")
 
     parser = argparse.ArgumentParser(
         prog="rewardkit",
         description="Reward-driven post-training of text-to-image generators (R0 / R0+).",
-        epilog="Run 'rewardkit COMMAND --help' for a command's options. Docs: docs/ in the repository.",
+        epilog="Run 'rewardkit COMMAND --help' for a command's options. Installed plugin packages may add commands: "
+        "'rewardkit plugins' lists them. Docs: docs/ in the repository.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", parents=[common], help="list registered plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--markdown", action="store_true", help="a markdown table with each plugin's summary (docs/plugins.md is made with it)")
 
     p = sub.add_parser("sample", parents=[common], help="generate images with a trained generator")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -99,11 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes decoding images (default: up to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    for name, command in sorted((commands or {}).items()):
+        if name in COMMANDS:
+            continue  # a plugin cannot replace a core command
+        p = sub.add_parser(name, parents=[common], help=f"{command.help} [{command.package}]", description=command.help)
+        if command.arguments is not None:
+            command.arguments(p)
+        p.set_defaults(plugin_command=command)
     return parser
 
 
+def _plugin_commands(argv: list[str]) -> dict:
+    """The plugins' commands the parser needs: the default plugin modules' (cheap to import, so `--help` lists
+    them without loading torch); installed packages' only when the command named is none of those."""
+    from rewardkit.plugins import load_commands
+
+    commands = load_commands(installed=False)
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is not None and word not in COMMANDS and word not in commands:
+        commands = load_commands(installed=True)
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_plugin_commands(argv))
     args = parser.parse_args(argv)
     if args.version:
         from rewardkit import __version__
@@ -118,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     from rewardkit.errors import TrainingDiverged, UserError
 
     try:
+        command = getattr(args, "plugin_command", None)
+        if command is not None:
+            from rewardkit.plugins import load_registry
+
+            return command.run(args, load_registry(args.plugin))
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"rewardkit: error: {exc}", file=sys.stderr)
@@ -152,11 +181,12 @@ def cmd_run(args) -> int:
     from rewardkit.recipe import load_recipe
 
     recipe_path, overrides = _split_recipe_args(args.recipe, args.overrides)
-    recipe = load_recipe(recipe_path, overrides, registry=load_registry(args.plugin))
+    registry = load_registry(args.plugin)
+    recipe = load_recipe(recipe_path, overrides, registry=registry)
     if args.num_processes != 1 and not distributed.launched():
         from pathlib import Path
 
-        from rewardkit.optimizer import check_run_dir
+        from rewardkit.rundir import check_run_dir
 
         check_run_dir(Path(recipe.run.dir), args.resume)  # here, not in N processes: one message, exit 2
         config = distributed.check(recipe.run.batch_size, args.num_processes, recipe.run.accelerate_config)
@@ -168,8 +198,10 @@ def cmd_run(args) -> int:
     if not distributed.is_main_process():
         return EXIT_OK
     rewards = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in result.metrics.items() if k.startswith("reward/"))
-    if result.report:
-        print(result.report)
+    reports = [result.report, *registry.hook.run_finished(run_dir=result.run_dir, recipe=recipe, registry=registry)]
+    for report in reports:
+        if report:
+            print(report)
     print(f"done: step {result.step}, {rewards}")
     print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
     return EXIT_OK
@@ -190,9 +222,17 @@ def cmd_plugins(args) -> int:
 
     registry = load_registry(args.plugin)
     rows = [{"kind": i.kind, "name": i.name, "package": i.package, "version": i.version} for i in registry.all()]
+    rows += [{"kind": "command", "name": c.name, "package": c.package, "version": c.version} for c in sorted(registry.commands.values(), key=lambda c: c.name)]
     failed = [{"plugin": f.plugin, "package": f.package, "error": f.error} for f in registry.failures]
     if args.json:
         print(json.dumps({"plugins": rows, "failed": failed}, indent=2))
+        return EXIT_OK
+    if args.markdown:
+        print("| kind | name | what it is | module |\n|---|---|---|---|")
+        for i in registry.all():
+            print(f"| {i.kind} | `{i.name}` | {i.summary.replace('|', '&#124;')} | `{i.cls.__module__}` |")
+        for c in sorted(registry.commands.values(), key=lambda c: c.name):
+            print(f"| command | `rewardkit {c.name}` | {c.help} | `{c.run.__module__}` |")
         return EXIT_OK
     widths = {k: max([len(k)] + [len(r[k]) for r in rows]) for k in ("kind", "name", "package", "version")}
     print("  ".join(k.upper().ljust(w) for k, w in widths.items()))
@@ -208,7 +248,8 @@ def cmd_sample(args) -> int:
 
     from rewardkit.errors import UserError
     from rewardkit.plugins import load_registry
-    from rewardkit.sampling import fixed_noise, generate, load_generator, save_grid, save_pngs
+    from rewardkit.images import fixed_noise, generate, save_grid, save_pngs
+    from rewardkit.rundir import load_generator
 
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")

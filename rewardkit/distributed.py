@@ -1,7 +1,7 @@
-"""Launching data-parallel runs: `rewardkit run RECIPE --num-processes N`.
+"""Everything distributed, in one module: launching processes, and the helpers for sharded tensors.
 
-The training loop is the same code for one process or many (accelerate);
-this module only starts the processes. On a CUDA machine it hands over to
+Launching (`rewardkit run RECIPE --num-processes N`). The training loop is
+the same code for one process or many (accelerate); on a CUDA machine this hands over to
 `accelerate launch` with a configuration shipped in
 rewardkit/accelerate_configs/ (or a path to the user's own); on a CPU-only
 machine it uses torchrun with accelerate's CPU mode (gloo), which is what
@@ -10,6 +10,14 @@ the tests run. Under `accelerate launch` or torchrun started by the user,
 
 Everything that can be checked before processes start is checked here, so
 bad input exits 2 with one message instead of N tracebacks.
+
+Sharded tensors (FSDP2). FSDP replaces each parameter by a DTensor that holds
+this process's shard. Generators, regularizers and the optimizer never touch
+DTensor themselves: they call `full_tensor`, `squared_distance`,
+`lora_squared_norm`, `reshard` and the optimizer-state functions below, which
+do the plain thing for ordinary tensors. Each process draws the global batch
+and keeps its slice (`batch_shard`, `shard_options`), so 1 process and N
+processes see the same samples.
 """
 
 from __future__ import annotations
@@ -127,3 +135,104 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- the batch over processes
+def batch_shard(process_index: int, num_processes: int, batch_size: int) -> slice:
+    """This process's part of a global batch (the batch size divides evenly: checked before launch)."""
+    return slice(process_index * batch_size // num_processes, (process_index + 1) * batch_size // num_processes)
+
+
+def shard_options(options, shard: slice):
+    """Slice the per-sample tensors of SampleOptions to this process's part of the batch."""
+    import torch
+
+    changes = {k: v[shard] for k, v in vars(options).items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return options.replace(**changes) if changes else options
+
+
+# --------------------------------------------------------------------------- sharded tensors (FSDP2)
+def is_sharded(t) -> bool:
+    """True for a DTensor: a parameter sharded by FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t):
+    """The whole tensor of an FSDP shard (a collective: every process calls it), else t itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def squared_distance(p, reference, cache: dict, name: str):
+    """||p - p_0||^2, differentiable in p; `reference` is the whole p_0.
+
+    For an FSDP shard: the whole parameter's value (all-reduced), with the gradient of this process's
+    shard only, since FSDP adds each process's gradient into its own shard (the gradient must have the
+    shard's shape). `cache` keeps p_0 split like p, keyed by `name`, so it is split once.
+    """
+    if not is_sharded(p):
+        return ((p - reference) ** 2).sum()
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    if name not in cache:
+        cache[name] = distribute_tensor(reference.to(p.device), p.device_mesh, p.placements).to_local()
+    local = ((p.to_local() - cache[name]) ** 2).sum()
+    total = local.detach().clone()
+    dist.all_reduce(total, group=p.device_mesh.get_group())
+    return total + local - local.detach()
+
+
+def lora_squared_norm(A, B, scale: float):
+    """||scale * B A||_F^2 of a LoRA layer, from rank x rank products only (the full delta is never formed).
+
+    ||B A||_F^2 = sum((B^T B) * (A A^T)). For FSDP shards: the value of the whole layer, the gradient of
+    this process's rows only (d/dB = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A, with the rank x rank factors
+    gathered without gradient), attached through a surrogate.
+    """
+    if not is_sharded(A):
+        a, b = A.float().flatten(1), B.float().flatten(1)  # (r, in * k * k), (out, r)
+        return scale**2 * ((b.T @ b) * (a @ a.T)).sum()
+    import torch
+    from torch.distributed.tensor import DTensor, Replicate
+
+    s2 = scale**2
+    a_loc, b_loc = A.to_local().float().flatten(1), B.to_local().float().flatten(1)
+    with torch.no_grad():
+        a_full, b_full = A.full_tensor().float().flatten(1), B.full_tensor().float().flatten(1)
+        G, H = b_full.T @ b_full, a_full @ a_full.T
+        value = s2 * (G * H).sum()
+        grad_a_full = (2 * s2 * G @ a_full).view(A.shape)
+        # this process's rows of dA, laid out exactly as A is sharded
+        grad_a = DTensor.from_local(grad_a_full, A.device_mesh, [Replicate()] * A.device_mesh.ndim).redistribute(placements=A.placements).to_local()
+        grad_b = 2 * s2 * b_loc @ H
+    surrogate = (grad_a.float().flatten(1) * a_loc).sum() + (grad_b * b_loc).sum()
+    return value + surrogate - surrogate.detach()
+
+
+def reshard(model) -> None:
+    """FSDP leaves parameters gathered after a forward without gradient (the root's always): shard them
+    again, so the optimizer and the checkpoint see the shards they hold. A no-op for unsharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name (gathered from shards under FSDP; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, saved: dict) -> None:
+    """Load name-keyed optimizer state into this process's shards (or an index-keyed one from before)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if all(isinstance(i, int) for group in saved["param_groups"] for i in group["params"]):
+        optimizer.load_state_dict(saved)  # a checkpoint from before name-keyed optimizer state (single process or DDP)
+        return
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))

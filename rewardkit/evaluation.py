@@ -64,7 +64,7 @@ class GeneratorSpec:
     def build(self, registry, prompts: Sequence[str], seed: int):
         path = Path(self.text)
         if path.exists():
-            from rewardkit.sampling import load_generator
+            from rewardkit.rundir import load_generator
 
             return load_generator(path, registry)[0]
         from rewardkit.options import validate_plugin_options
@@ -79,7 +79,7 @@ class GeneratorSpec:
         validate_plugin_options(cls, options, self.text, source=f"generator spec {self.text!r}")
         generator = cls(**options)
         generator.setup(list(prompts), seed)
-        from rewardkit.sampling import default_device
+        from rewardkit.images import default_device
 
         return generator.to(default_device()).eval()
 
@@ -87,7 +87,7 @@ class GeneratorSpec:
 def parse_generator_spec(text: str) -> GeneratorSpec:
     path = Path(text)
     if (path / "state.json").is_file() or (path / "recipe.toml").is_file():
-        from rewardkit.sampling import resolve_run_path
+        from rewardkit.rundir import resolve_run_path
 
         _, ckpt = resolve_run_path(path)
         weights = ckpt / "generator.safetensors"
@@ -120,7 +120,7 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
     from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
-    from rewardkit.sampling import fixed_noise, generate
+    from rewardkit.images import fixed_noise, generate
 
     generator = spec.build(registry, prompts, seed)
     options = generator.sample_options()
@@ -316,7 +316,7 @@ def evaluate(
 
 def build_rewards(names: Sequence[str], registry, metric_options: Sequence[str]) -> dict:
     from rewardkit.options import validate_plugin_options
-    from rewardkit.sampling import default_device
+    from rewardkit.images import default_device
 
     options: dict[str, dict] = {name: {} for name in names}
     for text in metric_options:

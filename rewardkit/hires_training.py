@@ -142,7 +142,7 @@ def train(
     """Train and save the classifier; returns what was stored in its metadata."""
     from tqdm.auto import tqdm
 
-    from rewardkit.sampling import default_device
+    from rewardkit.images import default_device
 
     if not 1 < min_factor <= max_factor:
         raise UserError(f"train-hires: need 1 < --min-factor <= --max-factor; got {min_factor} and {max_factor}")

@@ -1,7 +1,9 @@
-"""Inference: the same generator call as training, under no_grad.
+"""Images from a generator, outside training: the same generator call as in training, under no_grad.
 
-Both the optimizer's sample grids and `rewardkit sample` go through
-`generate`, so training and inference cannot drift apart.
+The optimizer's sample grids, `rewardkit sample`, `rewardkit eval` and the
+testbed's report all go through `generate`, so training and inference cannot
+drift apart. This module knows nothing else of rewardkit: it calls the
+generator protocol (`noise_shape`, `sample_options`, `forward`) duck-typed.
 """
 
 from __future__ import annotations
@@ -34,18 +36,27 @@ def generate(generator, prompts: Sequence[str], noise: torch.Tensor, options=Non
         ]
     finally:
         generator.train(was_training)
-        _reshard(generator)
     return torch.cat(chunks)
 
 
-def _reshard(generator) -> None:
-    """FSDP leaves parameters gathered after a forward without gradient (the root's always): shard them
-    again, so the optimizer and the checkpoint see the shards they hold. A no-op for unsharded models."""
-    from torch.distributed.fsdp import FSDPModule
+def optimized_batches(generator, prompts: Sequence[str], batch_size: int = 8):
+    """Yield (first position, images) for every training prompt, from its optimized noise.
 
-    for module in generator.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    For generators that optimize one input noise per training prompt
+    (`optimized_noise()` is not None): row i of the noise belongs to prompts[i].
+    Each batch is one generator call, so `prompt_index` matches its prompts.
+    """
+    table = generator.optimized_noise()
+    options = generator.sample_options()
+    for start in range(0, len(prompts), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(prompts)))
+        noise = table.detach()[index.to(table.device)]
+        yield start, generate(generator, [prompts[i] for i in index.tolist()], noise, options.replace(prompt_index=index), batch_size)
+
+
+def optimized_images(generator, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+    """The images of every training prompt from its optimized noise, (N, 3, H, W) on the CPU."""
+    return torch.cat([images for _, images in optimized_batches(generator, prompts, batch_size)])
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
@@ -66,39 +77,6 @@ def save_pngs(images: torch.Tensor, out_dir: Path, prefix: str = "", start: int 
         save_image(img, path)
         paths.append(path)
     return paths
-
-
-def load_generator(path: str | Path, registry=None):
-    """The trained generator of a run directory (newest checkpoint) or of one checkpoint.
-
-    Returns (generator, recipe, checkpoint path), the generator set up exactly
-    as in training and with the checkpoint's weights loaded, in eval mode.
-    """
-    from rewardkit.checkpoint import load_checkpoint
-    from rewardkit.recipe import load_recipe
-
-    run_dir, checkpoint = resolve_run_path(path)
-    recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
-    generator = recipe.generator.build()
-    generator.setup(recipe.prompts, recipe.run.seed)
-    generator.load_trainable_state_dict(load_checkpoint(checkpoint)[0])
-    return generator.to(default_device()).eval(), recipe, checkpoint
-
-
-def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint) for a run directory (its newest checkpoint) or a checkpoint folder."""
-    from rewardkit.checkpoint import latest_checkpoint
-    from rewardkit.errors import UserError
-
-    path = Path(path)
-    if (path / "state.json").is_file():
-        return path.parent.parent, path
-    if (path / "recipe.toml").is_file():
-        checkpoint = latest_checkpoint(path / "checkpoints")
-        if checkpoint is None:
-            raise UserError(f"{path} holds no complete checkpoint yet; train first, or name a checkpoint folder")
-        return path, checkpoint
-    raise UserError(f"{path} is neither a run directory (with recipe.toml) nor a checkpoint (with state.json)")
 
 
 def default_device() -> torch.device:

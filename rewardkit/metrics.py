@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from rewardkit.checkpoint import write_text_atomic
+from rewardkit.rundir import write_text_atomic
 
 
 class MetricsLog:

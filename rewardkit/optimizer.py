@@ -1,13 +1,14 @@
 """The optimizer: search for high-reward images under regularization.
 
-One step, read top to bottom in `fit`:
+`fit` is setup, a loop of `record = self._step(step)`, and finish. One step,
+read top to bottom in `_step`:
   1. draw prompts and noise; let regularizers adjust the sampling options;
   2. generate with gradient: images x;
   3. for each reward i: r_i(x) and g_i = d r_i / d x;
-  4. let regularizers transform the g_i (e.g. per-sample normalization),
-     combine g = sum_i w_i g_i, surrogate loss = -<stopgrad(g), x> / B;
-  5. add regularizer penalties, backward, optimizer step (through accelerate);
-  6. log; at intervals write sample grids and atomic checkpoints.
+  4. let regularizers transform the g_i (e.g. per-sample normalization) and
+     form the rewards' loss (`_reward_loss`: pathwise, -<stopgrad(sum w_i g_i), x> / B);
+  5. add regularizer penalties, backward, optimizer step (`_apply_update`);
+  6. log; at intervals evaluate, write sample grids and atomic checkpoints.
 
 The rewards never see the generator's graph: their gradients are taken with
 respect to a detached copy of x, then pushed into the generator through the
@@ -17,6 +18,7 @@ rewritten per reward.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,33 +31,18 @@ from typing import Mapping, Sequence
 import torch
 from pydantic import ValidationError
 
-from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from rewardkit import distributed
+from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rewardkit.errors import RecipeError, TrainingDiverged, UserError
+from rewardkit.images import fixed_noise, generate, optimized_batches, save_grid, save_pngs
 from rewardkit.metrics import MetricsLog, read_metrics
-from rewardkit.options import describe_errors
-from rewardkit.recipe import OptimizerSection, Recipe, RunSection, load_recipe
-from rewardkit.sampling import fixed_noise, generate, save_grid
+from rewardkit.options import describe_errors, validate_strict
+from rewardkit.recipe import Evaluation, OptimizerSection, PluginSpec, PromptsSection, Recipe, RunSection, check_plugins, load_recipe
+from rewardkit.rundir import check_run_dir, write_json, write_recipe, write_text_atomic
 
 log = logging.getLogger("rewardkit")
 
 SAMPLE_SEED_OFFSET = 1_000_003  # grid noise is drawn from seed + this, apart from training noise
-
-
-@dataclass
-class Evaluation:
-    """Held-out evaluation during training, logged as eval/LABEL next to the training rewards.
-
-    Its prompts and rewards are separate from training (rewards may be
-    non-differentiable), so reward hacking - training reward up, held-out
-    metrics down - shows in the curves.
-    """
-
-    prompts: Sequence[str]
-    rewards: Mapping | Sequence
-    every: int = 0
-    """Every N steps (0: before the first and after the last step only)."""
-    n_per_prompt: int = 1
-    seed: int = 0
 
 
 @dataclass
@@ -66,7 +53,7 @@ class FitResult:
     """The last step's metrics (as in metrics.jsonl)."""
     checkpoint: Path | None
     report: str = ""
-    """What the generator reported after training (Generator.after_fit), if anything."""
+    """What the run reported when it ended (e.g. where a noise-optimizing run wrote its images), if anything."""
 
 
 class Optimizer:
@@ -78,6 +65,8 @@ class Optimizer:
               prompts=["a red square"],
               run={"steps": 100, "dir": "runs/demo"},
               optimizer={"lr": 0.05}).fit()
+
+    Arguments are validated as strictly as a recipe is, cross-plugin checks included.
     """
 
     def __init__(
@@ -95,10 +84,11 @@ class Optimizer:
         self.generator = generator
         self.rewards = _labelled(rewards, "rewards")
         self.regularizers = _labelled(regularizers, "regularizers")
-        self.prompts = list(prompts)
+        section = _section(PromptsSection, {"train": list(prompts), "sample": None if sample_prompts is None else list(sample_prompts)}, "prompts")
+        self.prompts = section.train
         if not self.prompts:
             raise UserError("prompts: at least one training prompt is needed")
-        self.sample_prompts = list(sample_prompts or self.prompts[:4])
+        self.sample_prompts = section.sample or self.prompts[:4]
         self.run = _section(RunSection, run, "run")
         self.optim = _section(OptimizerSection, optimizer, "optimizer")
         self.run_dir = Path(self.run.dir or "runs/rewardkit")
@@ -112,12 +102,25 @@ class Optimizer:
                     f"rewards.{label}: '{reward.name}' is not differentiable, so it cannot be trained on; "
                     "use it for evaluation only, or pick a differentiable reward"
                 )
+        spec = lambda label, plugin: PluginSpec(label, type(plugin), plugin.options)  # noqa: E731
+        checked = [(f"{where}.{label}", spec(label, p)) for where, table in (("rewards", self.rewards), ("regularizers", self.regularizers), ("eval.rewards", self.eval_rewards)) for label, p in table.items()]
+        problems = check_plugins(spec("generator", generator), checked)
+        if problems:
+            raise RecipeError("Optimizer(...)", problems)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe | str | Path | Mapping | None = None, overrides: Sequence[str] = (), registry=None) -> "Optimizer":
-        """Build from a recipe: a path, an embedded recipe name, a dict, or a loaded Recipe."""
+        """Build from a recipe: a path, an embedded recipe name, a dict, or a loaded Recipe.
+
+        `registry` (default: rewardkit.plugins.load_registry()) names the plugins a recipe may use.
+        """
         if not isinstance(recipe, Recipe):
-            recipe = load_recipe(recipe, overrides, registry)
+            if registry is None:
+                from rewardkit.plugins import load_registry
+
+                registry = load_registry()
+            recipe = load_recipe(recipe, overrides, registry=registry)
+        ev = recipe.evaluation
         return cls(
             generator=recipe.generator.build(),
             rewards={s.label: s.build() for s in recipe.rewards},
@@ -126,7 +129,7 @@ class Optimizer:
             sample_prompts=recipe.sample_prompts,
             run=recipe.run,
             optimizer=recipe.optimizer,
-            evaluation=_evaluation(recipe.evaluation),
+            evaluation=dataclasses.replace(ev, rewards={s.label: s.build() for s in ev.rewards}) if ev else None,
         )
 
     def recipe(self) -> dict:
@@ -150,249 +153,321 @@ class Optimizer:
 
     # ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
+        start_step = self._setup(resume)
+        record: dict = {}
+        for step in range(start_step + 1, self.run.steps + 1):
+            record = self._step(step)
+        return self._finish(record, start_step)
+
+    def _step(self, step: int) -> dict:
+        acc, run = self.accelerator, self.run
+        t0 = time.perf_counter()
+
+        # 1. prompts and noise: every process draws the global batch, then takes its shard
+        prompts, index, noise = self._draw_batch(run.batch_size)
+        options = self.generator.sample_options().replace(prompt_index=index)
+        for reg in self.regularizers.values():
+            options = reg.adjust_sampling(options, len(prompts), self.data_rng)
+        prompts, noise, options = self._shard(prompts, noise, options)
+
+        # 2. generate with gradient
+        t_gen = time.perf_counter()
+        with acc.autocast():
+            images = self.model(prompts, noise, options).float()
+        t1 = time.perf_counter()
+
+        # 3. each reward's score and image gradient, on a detached copy of x
+        x = images.detach().requires_grad_(True)
+        scores, grads = {}, {}
+        for label, reward in self.rewards.items():
+            with acc.autocast():
+                s = reward(x, prompts).float()
+            (grads[label],) = torch.autograd.grad(s.sum(), x)
+            scores[label] = s.detach()
+        raw_norms = {label: acc.reduce(g.flatten(1).norm(dim=1).mean(), "mean").item() for label, g in grads.items()}
+        t2 = time.perf_counter()
+
+        # 4. transform the gradients, then the rewards' loss
+        for reg in self.regularizers.values():
+            grads = reg.transform_gradients(grads)
+        loss = self._reward_loss(images, grads)
+
+        # 5. penalties, backward, step (a non-finite step is skipped, not applied)
+        penalties = {}
+        for label, reg in self.regularizers.items():
+            p = reg.penalty(self.generator)
+            if p is not None:
+                penalties[label] = p
+                loss = loss + p
+        applied, param_grad_norm, backward_time = self._apply_update(loss, scores)
+        t4 = time.perf_counter()
+
+        # 6. log; at intervals evaluate, draw a grid, checkpoint
+        mean_scores = {label: acc.reduce(s.mean(), "mean").item() for label, s in scores.items()}
+        record = {
+            "step": step,
+            "reward/total": sum(self.rewards[label].weight * v for label, v in mean_scores.items()),
+            **{f"reward/{label}": v for label, v in mean_scores.items()},
+            **{f"grad_norm/{label}": v for label, v in raw_norms.items()},
+            **{f"penalty/{label}": p.item() for label, p in penalties.items()},
+            "loss": acc.reduce(loss.detach(), "mean").item(),
+            "param_grad_norm": param_grad_norm,
+            "lr": self.schedule.get_last_lr()[0],
+            "skipped": not applied,
+            "nonfinite_total": self.nonfinite_total,
+            "time/step": t4 - t0,
+            "time/generate": t1 - t_gen,
+            "time/rewards": t2 - t1,
+            "time/backward": backward_time,
+            "memory/peak_mb": _peak_memory_mb(acc.device),
+        }
+        last = step == run.steps
+        if self.evaluation and (last or (self.evaluation.every and step % self.evaluation.every == 0)):
+            record.update(self._evaluate())
+        self._log(record)
+        self._stop_if_diverged(step)
+        if last or (run.sample_every and step % run.sample_every == 0):
+            self._grid(step)
+        if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            self._save_checkpoint(step)
+        return record
+
+    def _reward_loss(self, images: torch.Tensor, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How the rewards' signal reaches the generator: the pathwise estimator (R0).
+
+        g = sum_i w_i T(g_i) is a direction in image space; the surrogate
+        -<stopgrad(g), x> / B has gradient -g / B with respect to x, so backward
+        carries it through the generator by the chain rule.
+        """
+        g = sum(self.rewards[label].weight * grads[label] for label in self.rewards)
+        return -(g.detach() * images).sum() / len(images)
+
+    def _apply_update(self, loss: torch.Tensor, scores: dict) -> tuple[bool, float, float]:
+        """Backward and optimizer step unless the step is non-finite: (applied, parameter gradient norm, backward seconds).
+
+        Every process takes the same branch (the decision is all-gathered), or DDP's collectives mismatch.
+        """
+        acc, optim = self.accelerator, self.optim_torch
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
+        finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
+        param_grad_norm, backward_time, applied = math.nan, 0.0, False
+        if finite:
+            t = time.perf_counter()
+            acc.backward(loss)
+            backward_time = time.perf_counter() - t
+            param_grad_norm = float(acc.clip_grad_norm_(self.params, self.optim.max_grad_norm or math.inf))
+            if acc.scaler is not None:
+                # fp16: the grad scaler skips an overflowing step and lowers its scale itself;
+                # that is routine, not divergence, so it does not count towards the NaN guard.
+                optim.step()
+                applied = not optim.step_was_skipped
+            else:
+                finite = math.isfinite(param_grad_norm)  # the same on every process (all-reduced)
+                if finite:
+                    optim.step()
+                    applied = True
+        if applied:
+            self.schedule.step()
+        if finite:
+            self.consecutive_bad = 0
+        else:
+            self.consecutive_bad += 1
+            self.nonfinite_total += 1
+        optim.zero_grad(set_to_none=True)
+        return applied, param_grad_norm, backward_time
+
+    # --- setup and finish ------------------------------------------------------------
+    def _setup(self, resume: bool) -> int:
+        """Build everything a step needs, restore a checkpoint when resuming; returns the step to continue after."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
+        from tqdm.auto import tqdm
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
-        accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers, run_dir, self.recipe()) or None)
-        accelerator.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
-        main = accelerator.is_main_process
-        world = accelerator.num_processes
-        if run.batch_size % world:
-            raise UserError(f"run.batch_size = {run.batch_size} does not divide evenly over {world} processes")
+        acc = self.accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers, run_dir, self.recipe()) or None)
+        acc.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
+        self.main = acc.is_main_process
+        if run.batch_size % acc.num_processes:
+            raise UserError(f"run.batch_size = {run.batch_size} does not divide evenly over {acc.num_processes} processes")
         torch.manual_seed(run.seed)
 
         # Model, rewards and regularizers, in the order the reference weights need:
         # theta_0 is taken from the freshly set-up generator, before any checkpoint loads.
         gen = self.generator
         gen.setup(self.prompts, run.seed)
-        gen.to(accelerator.device)
+        gen.to(acc.device)
         for reg in self.regularizers.values():
             reg.setup(gen)
         for reward in [*self.rewards.values(), *self.eval_rewards.values()]:
-            reward.requires_grad_(False).eval().to(accelerator.device)
+            reward.requires_grad_(False).eval().to(acc.device)
         params = gen.trainable_parameters()
         if not params:
             raise UserError(f"generator '{gen.name}' has no trainable parameters")
         optim = _torch_optimizer(self.optim, params)
-        schedule = _lr_schedule(self.optim, optim, run.steps)
-        data_rng = torch.Generator().manual_seed(run.seed)
+        self.schedule = _lr_schedule(self.optim, optim, run.steps)
+        self.data_rng = torch.Generator().manual_seed(run.seed)
+        self.nonfinite_total, self.consecutive_bad = 0, 0
 
-        if main:
+        if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(run_dir / "metrics.jsonl")
-        start_step, nonfinite_total = 0, 0
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if checkpoint is not None:  # weights now (FSDP shards what it is given); optimizer state once prepared
-            gen_state, optim_state, rng_state, state = load_checkpoint(checkpoint)
-            gen.load_trainable_state_dict(gen_state)
-            data_rng.set_state(rng_state["data"])
-            torch.set_rng_state(rng_state["torch"])
-            start_step, nonfinite_total = state["step"], state["nonfinite_total"]
-            log.info("resuming from %s", checkpoint)
-        elif resume:
+        if checkpoint is None and resume:
             log.info("nothing to resume in %s: starting from step 0", run_dir)
-        if main:  # without a checkpoint nothing is kept, not even a step-0 evaluation line
-            metrics.truncate_after(start_step if checkpoint is not None else -1)
-            _write_recipe(run_dir, self.recipe(), resumed=checkpoint is not None)
-        model, optim = accelerator.prepare(gen, optim)
+        saved = self._restore_weights(checkpoint) if checkpoint is not None else None  # before prepare: FSDP shards what it is given
+        start_step = saved[1]["step"] if saved else 0
+        if self.main:  # without a checkpoint nothing is kept, not even a step-0 evaluation line
+            self.metrics.truncate_after(start_step if checkpoint is not None else -1)
+            write_recipe(run_dir, self.recipe(), resumed=checkpoint is not None)
+        self.model, self.optim_torch = acc.prepare(gen, optim)
         # FSDP replaces each parameter by its shard and only then can take optimizer state; its forward is a
         # collective, so every process takes part in drawing grids and evaluations (rank 0 still writes alone).
-        sharded = accelerator.distributed_type == DistributedType.FSDP
-        draws = main or sharded
-        params = [p for p in model.parameters() if p.requires_grad]
-        if checkpoint is not None:
-            _load_optimizer_state(gen, optim.optimizer, optim_state["optimizer"])
-            if state.get("total_steps", run.steps) == run.steps:
-                schedule.load_state_dict(optim_state["schedule"])
-            else:  # run.steps changed (extending a run): the new schedule, advanced to this step
-                for group in optim.param_groups:
-                    group["lr"] = group["initial_lr"] = self.optim.lr
-                schedule = _lr_schedule(self.optim, optim.optimizer, run.steps)
-                _fast_forward(schedule, state["step"])
+        self.sharded = acc.distributed_type == DistributedType.FSDP
+        self.draws = self.main or self.sharded
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if saved:
+            self._restore_optimizer(*saved)
         if run.trackers:
-            accelerator.init_trackers("rewardkit")
+            acc.init_trackers("rewardkit")
 
-        sample_noise = fixed_noise(gen, len(self.sample_prompts), run.seed + SAMPLE_SEED_OFFSET)
-        if start_step == 0 and draws:
-            self._grid(gen, sample_noise, run_dir / "samples" / "step_000000.png", main)
+        self.sample_noise = fixed_noise(gen, len(self.sample_prompts), run.seed + SAMPLE_SEED_OFFSET)
+        if start_step == 0:
+            self._grid(0)
             if self.evaluation:
-                evaluated = self._evaluate(gen)
-                if main:
-                    metrics.write({"step": 0, **evaluated})
+                evaluated = self._evaluate()
+                if self.main:
+                    self.metrics.write({"step": 0, **evaluated})
+        self.progress = tqdm(total=run.steps, initial=start_step, disable=not (run.progress and self.main), desc="rewardkit", dynamic_ncols=True)
+        return start_step
 
-        from tqdm.auto import tqdm
+    def _restore_weights(self, checkpoint: Path) -> tuple[dict, dict]:
+        """Load a checkpoint's weights and RNG states; returns (optimizer state, state.json) for after prepare."""
+        gen_state, optim_state, rng_state, state = load_checkpoint(checkpoint)
+        self.generator.load_trainable_state_dict(gen_state)
+        self.data_rng.set_state(rng_state["data"])
+        torch.set_rng_state(rng_state["torch"])
+        self.nonfinite_total = state["nonfinite_total"]
+        log.info("resuming from %s", checkpoint)
+        return optim_state, state
 
-        progress = tqdm(total=run.steps, initial=start_step, disable=not (run.progress and main), desc="rewardkit", dynamic_ncols=True)
-        record: dict = {}
-        consecutive_bad = 0
-        for step in range(start_step + 1, run.steps + 1):
-            t0 = time.perf_counter()
+    def _restore_optimizer(self, optim_state: dict, state: dict) -> None:
+        """Optimizer and LR-schedule state into the prepared (possibly sharded) optimizer."""
+        optim = self.optim_torch
+        distributed.load_optimizer_state(self.generator, optim.optimizer, optim_state["optimizer"])
+        if state.get("total_steps", self.run.steps) == self.run.steps:
+            self.schedule.load_state_dict(optim_state["schedule"])
+        else:  # run.steps changed (extending a run): the new schedule, advanced to this step
+            for group in optim.param_groups:
+                group["lr"] = group["initial_lr"] = self.optim.lr
+            self.schedule = _lr_schedule(self.optim, optim.optimizer, self.run.steps)
+            _fast_forward(self.schedule, state["step"])
 
-            # 1. prompts and noise: every process draws the global batch, then takes its shard
-            prompts, index, noise = self._draw_batch(data_rng, gen, run.batch_size)
-            options = gen.sample_options().replace(prompt_index=index)
-            for reg in self.regularizers.values():
-                options = reg.adjust_sampling(options, len(prompts), data_rng)
-            shard = slice(accelerator.process_index * run.batch_size // world, (accelerator.process_index + 1) * run.batch_size // world)
-            prompts, noise = prompts[shard], noise[shard].to(accelerator.device)
-            options = _shard_options(options, shard)
+    def _save_checkpoint(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        # whole tensors and FQN-keyed optimizer state, gathered from the shards under FSDP (then every
+        # process takes part): a checkpoint resumes under any process count and configuration
+        if self.main or self.sharded:
+            weights = self.generator.trainable_state_dict()
+            optimizer_state = distributed.optimizer_state(self.generator, self.optim_torch.optimizer)
+        if self.main:
+            save_checkpoint(
+                self.run_dir / "checkpoints",
+                step,
+                weights,
+                {"optimizer": optimizer_state, "schedule": self.schedule.state_dict()},
+                {"data": self.data_rng.get_state(), "torch": torch.get_rng_state()},
+                {"nonfinite_total": self.nonfinite_total, "total_steps": self.run.steps},
+                keep=self.run.keep_checkpoints,
+            )
 
-            # 2. generate with gradient
-            t_gen = time.perf_counter()
-            with accelerator.autocast():
-                images = model(prompts, noise, options).float()
-            t1 = time.perf_counter()
-
-            # 3. each reward's score and image gradient, on a detached copy of x
-            x = images.detach().requires_grad_(True)
-            scores, grads = {}, {}
-            for label, reward in self.rewards.items():
-                with accelerator.autocast():
-                    s = reward(x, prompts).float()
-                (grads[label],) = torch.autograd.grad(s.sum(), x)
-                scores[label] = s.detach()
-            raw_norms = {label: accelerator.reduce(g.flatten(1).norm(dim=1).mean(), "mean").item() for label, g in grads.items()}
-            t2 = time.perf_counter()
-
-            # 4. transform, combine, surrogate loss
-            for reg in self.regularizers.values():
-                grads = reg.transform_gradients(grads)
-            g = sum(self.rewards[label].weight * grads[label] for label in self.rewards)
-            loss = -(g.detach() * images).sum() / len(prompts)
-
-            # 5. penalties, backward, step (a non-finite step is skipped, not applied)
-            penalties = {}
-            for label, reg in self.regularizers.items():
-                p = reg.penalty(gen)
-                if p is not None:
-                    penalties[label] = p
-                    loss = loss + p
-            # Every process must take the same branch, or DDP's collectives mismatch.
-            finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
-            finite = bool(accelerator.gather(torch.tensor([finite], device=accelerator.device)).all())
-            param_grad_norm, backward_time, applied = math.nan, 0.0, False
-            if finite:
-                t3 = time.perf_counter()
-                accelerator.backward(loss)
-                backward_time = time.perf_counter() - t3
-                param_grad_norm = float(accelerator.clip_grad_norm_(params, self.optim.max_grad_norm or math.inf))
-                if accelerator.scaler is not None:
-                    # fp16: the grad scaler skips an overflowing step and lowers its scale itself;
-                    # that is routine, not divergence, so it does not count towards the NaN guard.
-                    optim.step()
-                    applied = not optim.step_was_skipped
-                else:
-                    finite = math.isfinite(param_grad_norm)  # the same on every process (all-reduced)
-                    if finite:
-                        optim.step()
-                        applied = True
-            if applied:
-                schedule.step()
-            if finite:
-                consecutive_bad = 0
-            else:
-                consecutive_bad += 1
-                nonfinite_total += 1
-            optim.zero_grad(set_to_none=True)
-            t4 = time.perf_counter()
-
-            # 6. log, sample, checkpoint
-            mean_scores = {label: accelerator.reduce(s.mean(), "mean").item() for label, s in scores.items()}
-            record = {
-                "step": step,
-                "reward/total": sum(self.rewards[label].weight * v for label, v in mean_scores.items()),
-                **{f"reward/{label}": v for label, v in mean_scores.items()},
-                **{f"grad_norm/{label}": v for label, v in raw_norms.items()},
-                **{f"penalty/{label}": p.item() for label, p in penalties.items()},
-                "loss": accelerator.reduce(loss.detach(), "mean").item(),
-                "param_grad_norm": param_grad_norm,
-                "lr": schedule.get_last_lr()[0],
-                "skipped": not applied,
-                "nonfinite_total": nonfinite_total,
-                "time/step": t4 - t0,
-                "time/generate": t1 - t_gen,
-                "time/rewards": t2 - t1,
-                "time/backward": backward_time,
-                "memory/peak_mb": _peak_memory_mb(accelerator.device),
-            }
-            last = step == run.steps
-            if draws and self.evaluation and (last or (self.evaluation.every and step % self.evaluation.every == 0)):
-                record.update(self._evaluate(gen))
-            if main:
-                metrics.write(record)
-                if run.trackers:
-                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-                progress.update(1)
-                progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.startswith("reward/")}, refresh=False)
-            if consecutive_bad >= run.max_nonfinite_steps:
-                metrics.close()
-                raise TrainingDiverged(
-                    f"{consecutive_bad} consecutive steps produced NaN or Inf (last at step {step}); stopped. "
-                    f"Each was skipped; the last good checkpoint is {latest_checkpoint(run_dir / 'checkpoints')}. "
-                    "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN."
-                )
-            if draws and (last or (run.sample_every and step % run.sample_every == 0)):
-                self._grid(gen, sample_noise, run_dir / "samples" / f"step_{step:06d}.png", main)
-            if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
-                accelerator.wait_for_everyone()
-                # whole tensors and FQN-keyed optimizer state, gathered from the shards under FSDP (then every
-                # process takes part): a checkpoint resumes under any process count and configuration
-                if main or sharded:
-                    weights, optimizer_state = gen.trainable_state_dict(), _optimizer_state(gen, optim.optimizer)
-                if main:
-                    save_checkpoint(
-                        run_dir / "checkpoints",
-                        step,
-                        weights,
-                        {"optimizer": optimizer_state, "schedule": schedule.state_dict()},
-                        {"data": data_rng.get_state(), "torch": torch.get_rng_state()},
-                        {"nonfinite_total": nonfinite_total, "total_steps": run.steps},
-                        keep=run.keep_checkpoints,
-                    )
-        progress.close()
-        metrics.close()
-        accelerator.wait_for_everyone()
-        if run.trackers:
-            accelerator.end_training()
-
+    def _finish(self, record: dict, start_step: int) -> FitResult:
+        acc, run_dir = self.accelerator, self.run_dir
+        self.progress.close()
+        self.metrics.close()
+        acc.wait_for_everyone()
+        if self.run.trackers:
+            acc.end_training()
         if not record:  # resumed a finished run: report what it ended with
             history = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             record = history[-1] if history else {}
         final = latest_checkpoint(run_dir / "checkpoints")
-        report = ""
-        if main:
-            summary = {"step": record.get("step", start_step), "final_metrics": record, "checkpoint": str(final) if final else None}
-            _write_json(run_dir / "summary.json", summary)
-            if sharded:  # after_fit runs on rank 0 alone, which a sharded generator cannot do
-                log.info("no end-of-run report under sharded training; the checkpoint holds the whole generator")
-            else:
-                report = gen.after_fit(run_dir)
+        report = self._write_optimized_images() if self.generator.optimized_noise() is not None else ""
+        if self.main:
+            write_json(run_dir / "summary.json", {"step": record.get("step", start_step), "final_metrics": record, "checkpoint": str(final) if final else None})
         return FitResult(run_dir, record.get("step", start_step), record, final, report)
 
-    def _grid(self, gen, noise, path: Path, write: bool) -> None:
-        images = generate(gen, self.sample_prompts, noise)
-        if write:
-            save_grid(images, path)
+    # --- logging and drawing -----------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.metrics.write(record)
+        if self.run.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        self.progress.update(1)
+        self.progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.startswith("reward/")}, refresh=False)
 
-    def _evaluate(self, gen) -> dict:
-        """Held-out rewards of the current generator, on fixed prompts and noise."""
+    def _draw(self, prompts: Sequence[str], noise: torch.Tensor, options=None) -> torch.Tensor:
+        """Images without gradient, on every drawing process (FSDP's forward is a collective); resharded after."""
+        images = generate(self.generator, prompts, noise, options)
+        distributed.reshard(self.generator)
+        return images
+
+    def _grid(self, step: int) -> None:
+        if self.draws:
+            images = self._draw(self.sample_prompts, self.sample_noise)
+            if self.main:
+                save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+
+    def _evaluate(self) -> dict:
+        """Held-out rewards of the current generator, on fixed prompts and noise ({} on processes that do not draw)."""
+        if not self.draws:
+            return {}
         from rewardkit.evaluation import score_rewards
 
         ev = self.evaluation
         prompts = [p for p in ev.prompts for _ in range(ev.n_per_prompt)]
-        images = generate(gen, prompts, fixed_noise(gen, len(prompts), ev.seed))
+        images = self._draw(prompts, fixed_noise(self.generator, len(prompts), ev.seed))
         scores = score_rewards(self.eval_rewards, images, prompts, batch_size=self.run.batch_size)
         return {f"eval/{label}": s.mean().item() for label, s in scores.items()}
 
-    def _draw_batch(self, rng: torch.Generator, gen, batch_size: int):
+    def _write_optimized_images(self) -> str:
+        """A noise-optimizing run's result is its images: one PNG per training prompt in RUN_DIR/images/."""
+        if not self.draws:
+            return ""
+        folder, paths = self.run_dir / "images", []
+        for start, images in optimized_batches(self.generator, self.prompts):  # batch by batch: N images need not fit in memory
+            distributed.reshard(self.generator)
+            if self.main:
+                paths += save_pngs(images, folder, start=start)
+        if not self.main:
+            return ""
+        index = [{"index": i, "prompt": p, "file": path.name} for i, (p, path) in enumerate(zip(self.prompts, paths))]
+        write_text_atomic(folder / "index.jsonl", "".join(json.dumps(row) + "\n" for row in index))
+        return f"{len(paths)} images from the optimized noise, one per training prompt: {folder} (index.jsonl lists the prompts)"
+
+    def _shard(self, prompts: list[str], noise: torch.Tensor, options):
+        """This process's part of the global batch: prompts, noise (on its device) and per-sample options."""
+        acc = self.accelerator
+        shard = distributed.batch_shard(acc.process_index, acc.num_processes, self.run.batch_size)
+        return prompts[shard], noise[shard].to(acc.device), distributed.shard_options(options, shard)
+
+    def _stop_if_diverged(self, step: int) -> None:
+        if self.consecutive_bad >= self.run.max_nonfinite_steps:
+            self.metrics.close()
+            raise TrainingDiverged(
+                f"{self.consecutive_bad} consecutive steps produced NaN or Inf (last at step {step}); stopped. "
+                f"Each was skipped; the last good checkpoint is {latest_checkpoint(self.run_dir / 'checkpoints')}. "
+                "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN."
+            )
+
+    def _draw_batch(self, batch_size: int):
         n = len(self.prompts)
         if batch_size <= n:
-            idx = torch.randperm(n, generator=rng)[:batch_size]
+            idx = torch.randperm(n, generator=self.data_rng)[:batch_size]
         else:
-            idx = torch.randint(n, (batch_size,), generator=rng)
-        noise = torch.randn((batch_size, *gen.noise_shape()), generator=rng)
+            idx = torch.randint(n, (batch_size,), generator=self.data_rng)
+        noise = torch.randn((batch_size, *self.generator.noise_shape()), generator=self.data_rng)
         return [self.prompts[i] for i in idx.tolist()], idx, noise
 
 
@@ -410,41 +485,14 @@ def _labelled(items, what: str) -> dict:
     return out
 
 
-def _evaluation(spec) -> Evaluation | None:
-    if spec is None:
-        return None
-    return Evaluation(spec.prompts, {s.label: s.build() for s in spec.rewards}, spec.every, spec.n_per_prompt, spec.seed)
-
-
 def _section(model, value, where: str):
+    """A recipe section from Python, validated exactly as TOML's is (strict types, unknown keys refused)."""
     if isinstance(value, model):
         return value
     try:
-        return model.model_validate(dict(value or {}))
+        return validate_strict(model, dict(value or {}))
     except ValidationError as exc:
         raise RecipeError(f"Optimizer({where}=...)", describe_errors(exc, model, where)) from None
-
-
-def _shard_options(options, shard: slice):
-    """Slice per-sample tensors of the sampling options to this process's shard."""
-    changes = {k: v[shard] for k, v in vars(options).items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    return options.replace(**changes) if changes else options
-
-
-def _optimizer_state(gen, optim) -> dict:
-    """The optimizer's whole state keyed by parameter name (gathered from shards under FSDP; a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(gen, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_optimizer_state(gen, optim, saved: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    if all(isinstance(i, int) for group in saved["param_groups"] for i in group["params"]):
-        optim.load_state_dict(saved)  # a checkpoint from before name-keyed optimizer state (single process or DDP)
-        return
-    set_optimizer_state_dict(gen, optim, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def _torch_optimizer(cfg: OptimizerSection, params):
@@ -492,48 +540,6 @@ def _trackers(names: list[str], run_dir: Path, recipe: dict) -> list:
                 raise UserError("run.trackers includes 'wandb', but wandb is not installed: pip install 'rewardkit[wandb]'") from None
             trackers.append(WandBTracker("rewardkit", name=run_dir.name, dir=str(run_dir), config=recipe))
     return trackers
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """A new run never reuses a directory that holds one (UserError); --resume continues it."""
-    if resume:
-        return
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-        raise UserError(
-            f"run directory {run_dir} already holds a run; pass --resume to continue it, "
-            f"or choose a new directory with run.dir=..."
-        )
-
-
-def _write_recipe(run_dir: Path, recipe: dict, resumed: bool) -> None:
-    import tomli_w
-
-    path = run_dir / "recipe.toml"
-    text = tomli_w.dumps(_drop_empty(recipe))
-    if resumed and path.exists() and path.read_text() != text:
-        import tomllib
-
-        before = _flatten(tomllib.loads(path.read_text()))
-        after = _flatten(tomllib.loads(text))
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        log.warning("resuming with a recipe that differs from the saved one in: %s", ", ".join(changed))
-    write_text_atomic(path, text)
-
-
-def _drop_empty(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not (isinstance(v, dict) and not v)}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

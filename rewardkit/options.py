@@ -65,9 +65,9 @@ def _model_at(model: type[BaseModel], loc) -> type[BaseModel] | None:
 
 
 def validate_plugin_options(cls, options: dict, where: str, source: str | None = None) -> PluginOptions:
-    """Validate `options` against `cls.Options`, raising RecipeError naming `where.key`."""
+    """Validate `options` against `cls.Options` as strictly as a recipe is, raising RecipeError naming `where.key`."""
     try:
-        return cls.Options.model_validate(options)
+        return validate_strict(cls.Options, options)
     except ValidationError as exc:
         raise RecipeError(source or f"options of {cls.__name__}", describe_errors(exc, cls.Options, where)) from None
 
@@ -80,6 +80,17 @@ class Configurable:
 
     def _set_options(self, options: dict) -> None:
         self.options = validate_plugin_options(type(self), options, self.name or type(self).__name__)
+
+    @classmethod
+    def check(cls, options: PluginOptions, generator, where: str) -> list[str]:
+        """Problems of this plugin's `options` with the rest of the recipe, one line each starting with `where`
+        (its dotted key, e.g. 'regularizers.noise_norm'); [] when it fits.
+
+        `generator` is the recipe's generator as a spec (`generator.cls`, `generator.options`), not built:
+        ask it through its classmethods (e.g. `planned_steps`). Runs in `rewardkit validate` and when the
+        Optimizer is constructed, before any model loads.
+        """
+        return []
 
     def recipe_table(self) -> dict:
         """This plugin as a recipe table: its registered name and its options."""

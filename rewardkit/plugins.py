@@ -1,7 +1,8 @@
 """Finding and registering plugins.
 
 Three sources, all through the hooks of rewardkit.hookspecs:
-1. the built-ins (rewardkit.builtins), always;
+1. the default plugin modules (DEFAULT_PLUGINS: the built-in generators,
+   rewards and regularizers, and the digits testbed), always;
 2. installed packages exposing the `rewardkit` entry-point group, filtered
    by REWARDKIT_LOAD_PLUGINS (a comma list of entry-point or distribution
    names; set but empty loads none);
@@ -13,6 +14,7 @@ warned about, and skipped; everything else keeps working.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -21,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pluggy
 
@@ -31,6 +33,8 @@ from rewardkit.errors import UserError, did_you_mean
 ENTRY_POINT_GROUP = "rewardkit"
 LOAD_ENV = "REWARDKIT_LOAD_PLUGINS"
 KINDS = {"generator": "register_generators", "reward": "register_rewards", "regularizer": "register_regularizers"}
+DEFAULT_PLUGINS = ("rewardkit.generators", "rewardkit.rewards", "rewardkit.regularizers", "rewardkit.testbed")
+"""The built-ins: modules registered through the same hooks as third-party plugins, before them."""
 
 log = logging.getLogger("rewardkit")
 
@@ -40,6 +44,26 @@ class PluginInfo:
     kind: str
     name: str
     cls: type
+    package: str
+    version: str
+
+    @property
+    def summary(self) -> str:
+        """The first line of the class's docstring (else its module's), without a leading "`name`: "."""
+        doc = (self.cls.__doc__ or "").strip() or (sys.modules[self.cls.__module__].__doc__ or "").strip()
+        line = doc.splitlines()[0] if doc else ""
+        prefix = f"`{self.name}`: "
+        return line[len(prefix):] if line.startswith(prefix) else line
+
+
+@dataclass(frozen=True)
+class Command:
+    """A `rewardkit` subcommand registered by a plugin (hookspecs.register_commands)."""
+
+    name: str
+    run: Callable
+    arguments: Callable | None
+    help: str
     package: str
     version: str
 
@@ -62,7 +86,10 @@ class Registry:
 
     def __init__(self):
         self.plugins: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
+        self.commands: dict[str, Command] = {}
         self.failures: list[PluginFailure] = []
+        self.hook = None
+        """pluggy's hook caller: the notification hooks (e.g. `registry.hook.run_finished(...)`)."""
 
     def get(self, kind: str, name: str) -> type:
         table = self.plugins[kind]
@@ -84,18 +111,35 @@ class Registry:
 
 
 def load_registry(local_files: Iterable[str | os.PathLike] = ()) -> Registry:
-    """Build a registry from the built-ins, installed plugins and `local_files`."""
-    from rewardkit import __version__, builtins
+    """Build a registry from the default plugin modules, installed plugins and `local_files`."""
+    registry = Registry()
+    pm, origins = _plugin_manager(registry, local_files, installed=True)
+    _call_register_hooks(registry, pm, origins, [*KINDS, "command"])
+    return registry
+
+
+def load_commands(installed: bool) -> dict[str, Command]:
+    """The plugins' subcommands, without loading any generator, reward or regularizer class: those of the
+    default plugin modules, and with `installed` those of installed packages too (which may import torch)."""
+    registry = Registry()
+    pm, origins = _plugin_manager(registry, (), installed=installed)
+    _call_register_hooks(registry, pm, origins, ["command"])
+    return registry.commands
+
+
+def _plugin_manager(registry: Registry, local_files, installed: bool):
+    from rewardkit import __version__
 
     pm = pluggy.PluginManager("rewardkit")
     pm.add_hookspecs(hookspecs)
-    registry = Registry()
+    registry.hook = pm.hook
     origins: dict[str, _Origin] = {}
 
-    pm.register(builtins, name="rewardkit.builtins")
-    origins["rewardkit.builtins"] = _Origin("rewardkit", __version__)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+        origins[name] = _Origin("rewardkit", __version__)
 
-    for ep in _selected_entry_points():
+    for ep in _selected_entry_points() if installed else []:
         dist = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
         try:
@@ -117,15 +161,30 @@ def load_registry(local_files: Iterable[str | os.PathLike] = ()) -> Registry:
             registry._fail(path.stem, str(path), exc)
             continue
         origins[f"file:{path}"] = _Origin(str(path), "local")
+    return pm, origins
 
-    for kind, hook_name in KINDS.items():
+
+def _call_register_hooks(registry: Registry, pm, origins: dict, kinds: list[str]) -> None:
+    for kind in kinds:
+        hook_name = KINDS.get(kind, "register_commands")
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             origin = origins[impl.plugin_name]
+            register = _command_registrar(registry, origin) if kind == "command" else _registrar(registry, kind, origin)
             try:
-                impl.function(register=_registrar(registry, kind, origin))
+                impl.function(register=register)
             except Exception as exc:
                 registry._fail(impl.plugin_name.split(":", 1)[-1], origin.package, exc)
-    return registry
+
+
+def _command_registrar(registry: Registry, origin: _Origin):
+    def register(name: str, run: Callable, arguments: Callable | None = None, help: str = ""):
+        existing = registry.commands.get(name)
+        if existing is not None and existing.run is not run:
+            registry._fail(name, origin.package, f"command '{name}' is already registered by {existing.package}")
+            return
+        registry.commands[name] = Command(name, run, arguments, help, origin.package, origin.version)
+
+    return register
 
 
 def _registrar(registry: Registry, kind: str, origin: _Origin):

@@ -89,16 +89,21 @@ class _PluginTable(BaseModel):
     type: str | None = None
 
 
-class EvalSection(_Section):
-    """Held-out evaluation during training, with its own rewards (which may be non-differentiable)."""
+class EvalSettings(_Section):
+    """The scalar settings of held-out evaluation, validated alike from TOML and from Python."""
 
     every: NonNegativeInt = 0
     """Evaluate every N steps (0: before the first and after the last step only)."""
+    n_per_prompt: PositiveInt = 1
+    seed: int = 0
+
+
+class EvalSection(EvalSettings):
+    """[eval]: held-out evaluation during training, with its own rewards (which may be non-differentiable)."""
+
     prompts: list[str] = Field(default_factory=list)
     file: str | None = None
     """A prompt file relative to the recipe file (.txt, .json or .csv)."""
-    n_per_prompt: PositiveInt = 1
-    seed: int = 0
     rewards: dict[str, _PluginTable] = Field(min_length=1)
 
 
@@ -142,18 +147,39 @@ class Recipe:
     generator: PluginSpec
     rewards: list[PluginSpec]
     regularizers: list[PluginSpec] = field(default_factory=list)
-    evaluation: "EvalSpec | None" = None
+    evaluation: "Evaluation | None" = None
 
 
 @dataclass
-class EvalSpec:
-    """The validated [eval] section: held-out prompts and their reward specs."""
+class Evaluation:
+    """Held-out evaluation during training, logged as eval/LABEL next to the training rewards.
 
-    prompts: list[str]
-    rewards: list[PluginSpec]
+    The one type of the recipe's [eval] section and of `Optimizer(evaluation=...)`.
+    Its prompts and rewards are separate from training (rewards may be
+    non-differentiable), so reward hacking - training reward up, held-out
+    metrics down - shows in the curves.
+    """
+
+    prompts: Sequence[str]
+    rewards: Mapping | Sequence
+    """Reward plugins: a dict by label, or a list (labelled by name). In a loaded Recipe, their PluginSpecs
+    (Optimizer.from_recipe builds them)."""
     every: int = 0
+    """Every N steps (0: before the first and after the last step only)."""
     n_per_prompt: int = 1
     seed: int = 0
+
+    def __post_init__(self):
+        where = "Optimizer(evaluation=...)"
+        try:
+            validate_strict(EvalSettings, {"every": self.every, "n_per_prompt": self.n_per_prompt, "seed": self.seed})
+        except ValidationError as exc:
+            raise RecipeError(where, describe_errors(exc, EvalSettings, "eval")) from None
+        if isinstance(self.prompts, str) or not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise RecipeError(where, ["eval.prompts: expected a non-empty list of prompt strings"])
+        if not self.rewards:
+            raise RecipeError(where, ["eval.rewards: at least one reward is needed"])
+        self.prompts = list(self.prompts)
 
 
 def embedded_recipes() -> dict[str, Path]:
@@ -210,18 +236,19 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[str] = (), registry=None) -> Recipe:
-    """Read, override and validate a recipe (a path, an embedded name, or a dict)."""
+def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[str] = (), *, registry) -> Recipe:
+    """Read, override and validate a recipe (a path, an embedded name, or a dict) against the plugins of
+    `registry` (rewardkit.plugins.load_registry()).
+
+    Each plugin's options are validated on their own, then against the rest of the
+    recipe (`check_plugins`), so `rewardkit validate` catches what would otherwise
+    fail only after the models load.
+    """
     if isinstance(source, Mapping):
         data, label, folder = dict(source), "<dict>", Path.cwd()
     else:
         data, label, folder = read_recipe_file(source)
     data = apply_overrides(data, overrides)
-    if registry is None:
-        from rewardkit.plugins import load_registry
-
-        registry = load_registry()
-
     try:
         model = validate_strict(_RecipeModel, data)
     except ValidationError as exc:
@@ -237,7 +264,12 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         ev = model.eval
         eval_rewards = [_plugin_spec(registry, "reward", f"eval.rewards.{k}", k, t, problems) for k, t in ev.rewards.items()]
         eval_prompts = _read_prompts(ev, folder, problems, where="eval")
-        evaluation = EvalSpec(eval_prompts, eval_rewards, ev.every, ev.n_per_prompt, ev.seed)
+    if not problems:
+        checked = [(f"rewards.{s.label}", s) for s in rewards] + [(f"regularizers.{s.label}", s) for s in regularizers]
+        if model.eval is not None:
+            checked += [(f"eval.rewards.{s.label}", s) for s in eval_rewards]
+            evaluation = Evaluation(eval_prompts, eval_rewards, ev.every, ev.n_per_prompt, ev.seed)
+        problems = check_plugins(generator, checked)
     if problems:
         raise RecipeError(label, problems)
 
@@ -247,6 +279,18 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         run = run.model_copy(update={"dir": f"runs/{stem}"})
     sample = model.prompts.sample if model.prompts.sample else prompts[:4]
     return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers, evaluation)
+
+
+def check_plugins(generator: PluginSpec, plugins: Sequence[tuple[str, PluginSpec]]) -> list[str]:
+    """Each plugin's own check against the recipe's generator (Configurable.check), as lines naming the key.
+
+    Run on the specs, before anything is built: by load_recipe and, for plugins
+    built in Python, by the Optimizer, so both refuse the same recipes.
+    """
+    problems = generator.cls.check(generator.options, generator, "generator")
+    for where, spec in plugins:
+        problems += spec.cls.check(spec.options, generator, where)
+    return problems
 
 
 def _section_errors(problems: list[str]) -> list[str]:

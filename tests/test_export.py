@@ -35,7 +35,6 @@ def base_models(tmp_path_factory):
 def train(family, model, run_dir, **generator):
     """Two optimizer steps with a colour reward: enough to move the weights visibly."""
     from rewardkit.optimizer import Optimizer
-    from rewardkit.recipe import load_recipe
 
     recipe = {
         "run": {"steps": 2, "batch_size": 2, "dir": str(run_dir), "trackers": [], "progress": False},
@@ -44,14 +43,16 @@ def train(family, model, run_dir, **generator):
         "optimizer": {"lr": 0.05},
         "rewards": {"color": {}},
     }
-    Optimizer.from_recipe(load_recipe(recipe)).fit()
+    Optimizer.from_recipe(recipe).fit()
     return run_dir
 
 
 def generator_images(run_dir, noise):
-    from rewardkit.sampling import generate, load_generator
+    from rewardkit.images import generate
+    from rewardkit.plugins import load_registry
+    from rewardkit.rundir import load_generator
 
-    gen, _, _ = load_generator(run_dir)
+    gen, _, _ = load_generator(run_dir, load_registry())
     return generate(gen, PROMPTS, noise), gen
 
 
@@ -123,7 +124,6 @@ def test_sample_command_is_reproducible_with_eta(base_models, tmp_path):
 
 def test_export_of_pixels_generator_is_refused(tmp_path, capsys):
     from rewardkit.optimizer import Optimizer
-    from rewardkit.recipe import load_recipe
 
     recipe = {
         "run": {"steps": 1, "batch_size": 1, "dir": str(tmp_path / "run"), "trackers": [], "progress": False},
@@ -131,6 +131,6 @@ def test_export_of_pixels_generator_is_refused(tmp_path, capsys):
         "generator": {"type": "pixels", "height": 8, "width": 8},
         "rewards": {"color": {}},
     }
-    Optimizer.from_recipe(load_recipe(recipe)).fit()
+    Optimizer.from_recipe(recipe).fit()
     assert main(["export", str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "o")]) == 2
     assert "cannot be exported" in capsys.readouterr().err

@@ -13,9 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import save_tiny_sd, save_tiny_sd3  # noqa: E402
 
 from rewardkit.errors import UserError  # noqa: E402
+from rewardkit.export import export_generator  # noqa: E402
 from rewardkit.generators.base import SampleOptions  # noqa: E402
 from rewardkit.generators.sd import StableDiffusion  # noqa: E402
 from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
+from rewardkit.images import optimized_images  # noqa: E402
 from rewardkit.regularizers.noise_norm import NoiseNorm, chi_square_nll  # noqa: E402
 
 PROMPTS = ["a red cat", "a photo of a dog", "a red cat"]  # a repeated prompt gets its own noise
@@ -60,7 +62,7 @@ def test_outside_training_prompts_use_their_optimized_noise(models):
         looked_up = gen(["a red cat", "an unseen prompt"], given, options)
         by_index = gen(["a red cat"], given[:1], options.replace(prompt_index=torch.tensor([0])))
         frozen = gen.decode(gen.sample_latents(["an unseen prompt"], given[1:], options))
-        slots = gen.optimized_images()
+        slots = optimized_images(gen, PROMPTS)
     torch.testing.assert_close(looked_up[:1], by_index)  # a training prompt: its first slot's noise
     torch.testing.assert_close(looked_up[1:], frozen)  # any other prompt: the noise given, frozen model
     assert slots.shape[0] == len(PROMPTS)
@@ -74,7 +76,7 @@ def test_noise_training_refuses_truncated_gradients_and_export(models, tmp_path)
         gen.setup(PROMPTS, 0)
     gen = build(models, "sd")
     with pytest.raises(UserError, match="no model to export"):
-        gen.export(tmp_path / "out", "diffusers")
+        export_generator(gen, tmp_path / "out", "diffusers")
 
 
 def test_chi_square_nll_is_the_chi_square_law():
@@ -112,19 +114,18 @@ def test_noise_optimization_on_the_testbed_raises_the_reward_and_writes_images(t
     """ReNO end to end on a real (packaged) model: the reward rises, weights stay, images per prompt."""
     from rewardkit.checkpoint import load_checkpoint
     from rewardkit.optimizer import Optimizer
-    from rewardkit.recipe import load_recipe
     from rewardkit.testbed import data
     from rewardkit.testbed.plugins import DigitClassifier
 
     prompts = [data.prompt(d) for d in range(10)]
-    opt = Optimizer.from_recipe(load_recipe(_testbed_recipe(tmp_path / "run", prompts, 15, 10.0)))
+    opt = Optimizer.from_recipe(_testbed_recipe(tmp_path / "run", prompts, 15, 10.0))
     reward = DigitClassifier().eval()
     gen = opt.generator
     gen.setup(prompts, 0)
     before_weights = {n: p.detach().clone() for n, p in gen.named_parameters() if n != "noise_table"}
-    before = reward(gen.optimized_images(), prompts).mean().item()
+    before = reward(optimized_images(gen, prompts), prompts).mean().item()
     result = opt.fit()
-    after = reward(gen.optimized_images(), prompts).mean().item()
+    after = reward(optimized_images(gen, prompts), prompts).mean().item()
     assert after > before + 0.1, (before, after)  # log p of the right digit, about -0.20 -> -0.04
     assert all(torch.equal(p, before_weights[n]) for n, p in gen.named_parameters() if n != "noise_table")
     z = gen.noise_table.detach()
@@ -139,12 +140,11 @@ def test_noise_optimization_on_the_testbed_raises_the_reward_and_writes_images(t
 def test_resuming_a_noise_run_with_other_prompts_is_refused(tmp_path):
     """The noise table belongs to its prompt list: a changed list must not be silently loaded."""
     from rewardkit.optimizer import Optimizer
-    from rewardkit.recipe import load_recipe
     from rewardkit.testbed import data
 
     prompts = [data.prompt(d) for d in range(10)]
-    Optimizer.from_recipe(load_recipe(_testbed_recipe(tmp_path / "run", prompts, 2, 1.0))).fit()
-    fewer = Optimizer.from_recipe(load_recipe(_testbed_recipe(tmp_path / "run", prompts[:9], 4, 1.0)))
+    Optimizer.from_recipe(_testbed_recipe(tmp_path / "run", prompts, 2, 1.0)).fit()
+    fewer = Optimizer.from_recipe(_testbed_recipe(tmp_path / "run", prompts[:9], 4, 1.0))
     with pytest.raises(UserError, match=r"noise_table \(10, 4, 8, 8\) \(expected \(9, 4, 8, 8\)\)"):
         fewer.fit(resume=True)
 
@@ -154,6 +154,7 @@ def test_a_resumed_noise_run_matches_an_uninterrupted_one(tmp_path):
     from safetensors.torch import load_file
 
     from rewardkit.optimizer import Optimizer
+    from rewardkit.plugins import load_registry
     from rewardkit.recipe import load_recipe
     from rewardkit.testbed import data
 
@@ -162,7 +163,7 @@ def test_a_resumed_noise_run_matches_an_uninterrupted_one(tmp_path):
     def recipe(run_dir, steps):
         r = _testbed_recipe(run_dir, prompts, steps, 1.0)
         r["run"]["checkpoint_every"] = 2
-        return load_recipe(r)
+        return load_recipe(r, registry=load_registry())
 
     Optimizer.from_recipe(recipe(tmp_path / "straight", 4)).fit()
     Optimizer.from_recipe(recipe(tmp_path / "resumed", 2)).fit()

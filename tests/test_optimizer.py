@@ -12,6 +12,7 @@ from rewardkit import Optimizer
 from rewardkit.errors import TrainingDiverged, UserError
 from rewardkit.generators.pixels import Pixels
 from rewardkit.metrics import read_metrics
+from rewardkit.plugins import load_registry
 from rewardkit.recipe import load_recipe
 from rewardkit.regularizers.normalize_gradients import NormalizeGradients
 from rewardkit.regularizers.weight_l2 import WeightL2
@@ -135,7 +136,7 @@ def test_api_labels_rewards_and_saves_a_loadable_recipe(tmp_path):
     assert list(opt.rewards) == ["color", "color_2", "smoothness"]
     result = opt.fit()
     assert set(k for k in result.metrics if k.startswith("reward/")) == {"reward/total", "reward/color", "reward/color_2", "reward/smoothness"}
-    saved = load_recipe(tmp_path / "api" / "recipe.toml")
+    saved = load_recipe(tmp_path / "api" / "recipe.toml", registry=load_registry())
     assert [(s.label, s.cls.name, s.options.weight) for s in saved.rewards] == [("color", "color", 1.0), ("color_2", "color", 0.5), ("smoothness", "smoothness", 1.0)]
     assert saved.rewards[1].options.target == (0.0, 1.0, 0.0)
     assert saved.run.steps == 3

@@ -118,3 +118,50 @@ def test_help_is_fast_and_imports_no_torch():
     assert proc.returncode == 0, proc.stderr
     assert "usage: rewardkit" in proc.stdout
     assert proc.stdout.strip().endswith("False"), "rewardkit --help must not import torch"
+
+
+COMMAND_PLUGIN = '''
+import rewardkit
+from rewardkit.errors import UserError
+
+def arguments(parser):
+    parser.add_argument("word")
+
+def hello(args, registry):
+    if args.word == "bad":
+        raise UserError("hello: 'bad' is not a greeting")
+    print(f"hello {args.word}, {len(registry.names('reward'))} rewards")
+    return 0
+
+@rewardkit.hookimpl
+def register_commands(register):
+    register("hello", hello, arguments, help="say hello")
+
+@rewardkit.hookimpl
+def run_finished(run_dir, recipe, registry):
+    return f"finished {recipe.generator.cls.name} in {run_dir.name}"
+'''
+
+
+def test_a_plugin_adds_a_command_and_an_end_of_run_report(tmp_path, write_recipe):
+    """register_commands and run_finished from an installed package (a throwaway distribution)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(site, "rewardkit-hello", "hello_plugin", COMMAND_PLUGIN)
+    env = env_with(site)
+    proc = run_cli("hello", "world", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("hello world, ") and "rewards" in proc.stdout
+    bad = run_cli("hello", "bad", env=env)
+    assert bad.returncode == 2 and "'bad' is not a greeting" in bad.stderr and "Traceback" not in bad.stderr
+    listing = json.loads(run_cli("plugins", "--json", env=env).stdout)
+    assert {"kind": "command", "name": "hello", "package": "rewardkit-hello", "version": "1.2.3"} in listing["plugins"]
+    assert {"kind": "command", "name": "testbed-report", "package": "rewardkit", "version": listing["plugins"][0]["version"]} in listing["plugins"]
+
+    proc = run_cli("run", str(write_recipe(pixels_recipe(tmp_path / "myrun", steps=2))), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "finished pixels in myrun" in proc.stdout
+
+    helped = run_cli("--help", env=env)
+    assert "testbed-report" in helped.stdout, "default plugin modules' commands are in --help"
+    assert "hello" not in helped.stdout, "--help does not import installed packages"

@@ -127,3 +127,54 @@ def test_values_are_not_coerced(tmp_path, capsys, write_recipe, key, value):
 def test_toml_arrays_and_integers_fill_tuples_and_floats(tmp_path, capsys, write_recipe):
     code, err = validate(capsys, write_recipe(pixels_recipe(tmp_path / "r")), "optimizer.lr=1", "optimizer.betas=[0.8, 0.9]")
     assert code == 0, err
+
+
+# --- checks across plugins, before any model loads -------------------------------------------
+def testbed_recipe(tmp_path, training="full", regularizers=None) -> dict:
+    return {
+        "run": {"dir": str(tmp_path / "r"), "steps": 2},
+        "prompts": {"train": ["a handwritten digit 1"]},
+        "generator": {"type": "testbed", "num_steps": 4, "training": training},
+        "rewards": {"digit_classifier": {}},
+        "regularizers": regularizers or {},
+    }
+
+
+def test_noise_norm_with_a_weight_generator_fails_validation(tmp_path, capsys, write_recipe):
+    path = write_recipe(testbed_recipe(tmp_path, "lora", {"noise_norm": {}}))
+    code, err = validate(capsys, path)
+    assert_bad_input(code, err, str(path), "regularizers.noise_norm:", "training = 'noise'")
+    assert validate(capsys, write_recipe(testbed_recipe(tmp_path, "noise", {"noise_norm": {}})))[0] == 0
+
+
+def test_intermediate_step_past_num_steps_fails_validation(tmp_path, capsys, write_recipe):
+    path = write_recipe(testbed_recipe(tmp_path, regularizers={"intermediate_step": {"steps": [1, 4]}}))
+    code, err = validate(capsys, path)
+    assert_bad_input(code, err, "regularizers.intermediate_step.steps:", "generator.num_steps = 4")
+    assert validate(capsys, path, "generator.num_steps=5")[0] == 0
+    recipe = pixels_recipe(tmp_path / "p")
+    recipe["regularizers"] = {"intermediate_step": {}}
+    assert_bad_input(*validate(capsys, write_recipe(recipe)), "regularizers.intermediate_step:", "no sampler steps")
+
+
+def test_the_python_api_refuses_what_a_recipe_refuses(tmp_path):
+    from rewardkit.errors import RecipeError
+    from rewardkit.generators.pixels import Pixels
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.recipe import Evaluation
+    from rewardkit.regularizers.intermediate_step import IntermediateStep
+    from rewardkit.regularizers.weight_l2 import WeightL2
+    from rewardkit.rewards.color import Color
+
+    with pytest.raises(RecipeError, match=r"weight: input should be a valid number"):
+        WeightL2(weight="1.0")  # TOML's weight = "1.0" is refused, so is Python's
+    with pytest.raises(RecipeError, match=r"regularizers.intermediate_step: .*no sampler steps"):
+        Optimizer(Pixels(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run={"steps": 2})
+    with pytest.raises(RecipeError, match=r"run.steps: input should be a valid integer"):
+        Optimizer(Pixels(height=8, width=8), [Color()], prompts=["a"], run={"steps": "2"})
+    with pytest.raises(RecipeError, match=r"prompts.train.0: input should be a valid string"):
+        Optimizer(Pixels(height=8, width=8), [Color()], prompts=[3], run={"steps": 2})
+    with pytest.raises(RecipeError, match=r"eval.every: input should be greater than or equal to 0"):
+        Evaluation(prompts=["a"], rewards=[Color()], every=-1)
+    with pytest.raises(RecipeError, match=r"eval.prompts"):
+        Evaluation(prompts=[], rewards=[Color()])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rewardkit.errors import RecipeError
+from rewardkit.plugins import load_registry
 from rewardkit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ CHEAP = {"hps": "color", "imagereward": "smoothness", "clip_score": "color"}
 
 def _load(path, overrides=()):
     try:
-        return load_recipe(path, list(overrides))
+        return load_recipe(path, list(overrides), registry=load_registry())
     except RecipeError as exc:
         missing = [r for r in PAPER_REWARDS if f"no reward plugin named '{r}'" in str(exc)]
         if missing:

@@ -73,7 +73,7 @@ def test_sd_matches_diffusers_ddim(tiny_sd, tiny_sd_v, variant, guidance):
         ours = gen(PROMPTS, noise, gen.sample_options())
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-    pipe.scheduler = gen._export_scheduler()  # DDIM, trailing spacing, final alpha 1
+    pipe.scheduler = gen.export_scheduler()  # DDIM, trailing spacing, final alpha 1
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance, negative_prompt=["blurry"] * 2,
                latents=noise, output_type="pt", height=32, width=32).images
@@ -131,7 +131,7 @@ def test_intermediate_noise_level_matches_schedule(models, family, eta, monkeypa
     trajectory = []
     with torch.no_grad():
         gen.sample_latents(["a"] * B, noise, SampleOptions(num_steps=4, eta=eta), trajectory=trajectory)
-    schedule = gen._schedule(4, "cpu")
+    schedule = gen.schedule(4, "cpu")
     assert len(trajectory) == 4
     for k, x in enumerate(trajectory):
         residual = x - schedule["alpha"][k] * x0_true
@@ -250,7 +250,7 @@ def test_short_run_raises_reward(models, family, tmp_path):
     from rewardkit.regularizers.random_eta import RandomEta
     from rewardkit.regularizers.weight_l2 import WeightL2
     from rewardkit.rewards.color import Color
-    from rewardkit.sampling import fixed_noise, generate
+    from rewardkit.images import fixed_noise, generate
 
     cls, model = models[family]
     gen = cls(model=model, num_steps=2, lora_rank=4)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewardkit.testbed import PACKAGED, WEIGHTS_DIR, data, weights_dir
+from rewardkit.testbed import data
+from rewardkit.testbed.data import PACKAGED, WEIGHTS_DIR, weights_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -154,9 +155,10 @@ def test_frechet_distance():
 
 
 def test_quickstart_recipe_validates():
+    from rewardkit.plugins import load_registry
     from rewardkit.recipe import DEFAULT_RECIPE, load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "quickstart.toml")
+    recipe = load_recipe(REPO / "recipes" / "quickstart.toml", registry=load_registry())
     assert recipe.generator.cls.name == "testbed"
     assert {s.cls.name for s in recipe.rewards} >= {"digit_classifier"} and len(recipe.rewards) >= 2
     assert {s.cls.name for s in recipe.regularizers} >= {"weight_l2", "random_eta", "normalize_gradients"}
@@ -167,7 +169,6 @@ def test_quickstart_recipe_validates():
 def test_quickstart_trains_samples_and_reports(tmp_path, capsys):
     """A few real optimizer steps of the quickstart, then `rewardkit sample` and the report table."""
     from rewardkit.cli import main
-    from rewardkit.testbed.evaluate import report_run
 
     run_dir = tmp_path / "run"
     args = ["run", str(REPO / "recipes" / "quickstart.toml"), f"run.dir='{run_dir}'", "run.steps=3", "run.batch_size=4",
@@ -181,13 +182,19 @@ def test_quickstart_trains_samples_and_reports(tmp_path, capsys):
     assert main(["sample", str(run_dir), "--prompt", "a handwritten digit 3", "-n", "16", "--out", str(out)]) == 0
     assert len(list(out.glob("0*.png"))) == 16 and (out / "grid.png").is_file()
 
-    table = report_run(run_dir, per_digit=2)
+    capsys.readouterr()
+    assert main(["testbed-report", str(run_dir), "--per-digit", "2"]) == 0  # the testbed plugin's command
+    table = capsys.readouterr().out
     assert "teacher, 25 steps, CFG" in table and "teacher, 4 steps, untrained" in table and "trained" in table
     report = json.loads((run_dir / "testbed_report.json").read_text())
     assert len(report) == 4 and all(0 <= r["accuracy"] <= 1 for r in report.values())
 
 
-def test_after_fit_report_can_be_switched_off(tmp_path):
-    from rewardkit.testbed.plugins import TestbedGenerator
+def test_end_of_run_report_can_be_switched_off(tmp_path):
+    from rewardkit import testbed
+    from rewardkit.plugins import load_registry
+    from rewardkit.recipe import load_recipe
 
-    assert TestbedGenerator(report=False).after_fit(tmp_path) == ""
+    registry = load_registry()
+    recipe = load_recipe(REPO / "recipes" / "quickstart.toml", ["generator.report=false"], registry=registry)
+    assert testbed.run_finished(run_dir=tmp_path, recipe=recipe, registry=registry) is None

@@ -1,5 +1,23 @@
-"""Generator plugins: the base protocol and the built-in parameterizations."""
+"""Generator plugins: the protocol (base.py) and the built-in parameterizations, a default plugin module.
 
-from rewardkit.generators.base import Generator, SampleOptions
+This module registers the built-ins through the same hook as third-party
+plugins, importing each only when the hook runs, so loading it stays cheap.
+"""
+
+from rewardkit.hookspecs import hookimpl
+from rewardkit.lazy import lazy_attributes
 
 __all__ = ["Generator", "SampleOptions"]
+__getattr__ = lazy_attributes(__name__, {name: "rewardkit.generators.base" for name in __all__})
+
+
+@hookimpl
+def register_generators(register):
+    from rewardkit.generators.pixels import Pixels
+    from rewardkit.generators.sd import StableDiffusion
+    from rewardkit.generators.sd3 import StableDiffusion3
+
+    register(Pixels)
+    register(StableDiffusion)
+    register(StableDiffusion3)
+

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from rewardkit.distributed import full_tensor, squared_distance
 from rewardkit.errors import UserError
 from rewardkit.options import Configurable
 
@@ -80,13 +81,16 @@ class Generator(Configurable, torch.nn.Module):
         their noise (ReNO-style); None for those that optimize weights."""
         return None
 
-    def after_fit(self, run_dir) -> str:
-        """A report to print when training ends (e.g. an evaluation table); '' for none.
+    # --- what a recipe's other plugins may ask before anything is built -------------
+    @classmethod
+    def planned_steps(cls, options) -> int | None:
+        """The number of sampler steps a generator with these options runs (None: it has no steps)."""
+        return None
 
-        Called on the main process with the trained generator, after the final
-        checkpoint is written.
-        """
-        return ""
+    @classmethod
+    def planned_noise_optimization(cls, options) -> bool:
+        """Whether a generator with these options optimizes its input noise (see `optimized_noise`)."""
+        return False
 
     # --- what gets trained, saved and regularized -------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -132,36 +136,4 @@ class Generator(Configurable, torch.nn.Module):
         if self._reference is None:
             raise RuntimeError("snapshot_reference() was not called before squared_distance_to_reference()")
         params = dict(self.named_parameters())
-        total = 0.0
-        for n, ref in self._reference.items():
-            p = params[n]
-            if is_sharded(p):
-                total = total + self._sharded_distance(n, p)
-            else:
-                total = total + ((p - ref) ** 2).sum()
-        return total
-
-    def _sharded_distance(self, name: str, p) -> torch.Tensor:
-        """||p - p_0||^2 of an FSDP shard: the whole parameter's value, the gradient of this process's shard
-        (FSDP adds each process's gradient into its own shard, so it must have the shard's shape)."""
-        import torch.distributed as dist
-        from torch.distributed.tensor import distribute_tensor
-
-        if name not in self._reference_shards:  # once
-            self._reference_shards[name] = distribute_tensor(self._reference[name].to(p.device), p.device_mesh, p.placements).to_local()
-        local = ((p.to_local() - self._reference_shards[name]) ** 2).sum()
-        total = local.detach().clone()
-        dist.all_reduce(total, group=p.device_mesh.get_group())
-        return total + local - local.detach()
-
-
-def is_sharded(t) -> bool:
-    """True for a DTensor: a parameter sharded by FSDP."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP shard (a collective: every process calls it), else t itself."""
-    return t.full_tensor() if is_sharded(t) else t
+        return sum(squared_distance(params[n], ref, self._reference_shards, n) for n, ref in self._reference.items())

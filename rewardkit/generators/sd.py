@@ -4,7 +4,7 @@ eps- and v-prediction UNets. The schedule is the model's own noise schedule
 (alpha-bar from its scheduler config); the K timesteps are evenly spaced
 "trailing" ones by default (K = 4: 999, 749, 499, 249), so the first step
 starts from (almost) pure noise, as it does at inference. The update is R0's
-DDIM form (rewardkit.generators.diffusion). With eta = 0 this is diffusers'
+DDIM form (rewardkit.sampler). With eta = 0 this is diffusers'
 DDIMScheduler with timestep_spacing="trailing" and set_alpha_to_one=True,
 which is the scheduler an exported pipeline carries.
 """
@@ -73,7 +73,7 @@ class StableDiffusion(DiffusionGenerator):
         T = self.train_scheduler.config.num_train_timesteps
         return [int(round(T - k * T / steps)) - 1 for k in range(steps)]
 
-    def _schedule(self, steps: int, device) -> dict[str, torch.Tensor]:
+    def schedule(self, steps: int, device) -> dict[str, torch.Tensor]:
         t = torch.tensor(self.timesteps(steps), dtype=torch.long)
         abar = self.train_scheduler.alphas_cumprod[t].float()
         return {"timesteps": t.to(device), "alpha": (abar**0.5).to(device), "sigma": ((1 - abar) ** 0.5).to(device)}
@@ -99,7 +99,7 @@ class StableDiffusion(DiffusionGenerator):
     def _latents_to_vae(self, latents):
         return latents / self.vae.config.scaling_factor
 
-    def _export_scheduler(self):
+    def export_scheduler(self):
         """DDIM whose default `num_inference_steps=K` timesteps and final step match this sampler."""
         from diffusers import DDIMScheduler
 

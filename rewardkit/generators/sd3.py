@@ -78,7 +78,7 @@ class StableDiffusion3(DiffusionGenerator):
     def sampling_settings(self) -> dict:
         return super().sampling_settings() | {"sigmas": self.unshifted_sigmas(self.options.num_steps)}
 
-    def _schedule(self, steps: int, device) -> dict[str, torch.Tensor]:
+    def schedule(self, steps: int, device) -> dict[str, torch.Tensor]:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         # A fresh copy of the model's scheduler computes the levels exactly as the pipeline does.
@@ -124,7 +124,7 @@ class StableDiffusion3(DiffusionGenerator):
     def _latents_to_vae(self, latents):
         return latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
 
-    def _export_scheduler(self):
+    def export_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)

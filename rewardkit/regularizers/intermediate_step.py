@@ -1,4 +1,4 @@
-"""`intermediate_step`: R0+'s intermediate supervision (R0.md, technique 4).
+"""`intermediate_step`: R0+'s intermediate supervision (docs/method.md).
 
 Each training step picks a random step k of the K sampler steps, per sample
 (or one for the whole batch); the generator runs the steps before k without
@@ -35,6 +35,15 @@ class IntermediateStepOptions(PluginOptions):
 class IntermediateStep(Regularizer):
     name = "intermediate_step"
     Options = IntermediateStepOptions
+
+    @classmethod
+    def check(cls, options, generator, where: str) -> list[str]:
+        K = generator.cls.planned_steps(generator.options)
+        if K is None:
+            return [f"{where}: generator '{generator.cls.name}' has no sampler steps, so there is no intermediate step to supervise"]
+        if options.steps is not None and max(options.steps) >= K:
+            return [f"{where}.steps: {list(options.steps)} goes past the generator's {K} steps (0..{K - 1}, generator.num_steps = {K})"]
+        return []
 
     def adjust_sampling(self, options: SampleOptions, batch_size: int, rng: torch.Generator) -> SampleOptions:
         K = options.num_steps

@@ -45,6 +45,15 @@ class NoiseNorm(Regularizer):
     name = "noise_norm"
     Options = NoiseNormOptions
 
+    @classmethod
+    def check(cls, options, generator, where: str) -> list[str]:
+        if generator.cls.planned_noise_optimization(generator.options):
+            return []
+        return [
+            f"{where}: 'noise_norm' constrains optimized noise, and generator '{generator.cls.name}' optimizes weights "
+            f"as configured; set generator.training = 'noise' or remove [{where}]"
+        ]
+
     def setup(self, generator: Generator) -> None:
         z = generator.optimized_noise()
         if z is None:

@@ -1,5 +1,24 @@
-"""Reward plugins: the base protocol and the built-in cheap rewards."""
+"""Reward plugins: the protocol (base.py), the plugin API for rewards (preprocess.py, heads.py) and the
+built-in cheap rewards, a default plugin module.
 
-from rewardkit.rewards.base import Reward, RewardOptions
+This module registers the built-ins through the same hook as third-party
+plugins, importing each only when the hook runs, so loading it stays cheap.
+"""
+
+from rewardkit.hookspecs import hookimpl
+from rewardkit.lazy import lazy_attributes
 
 __all__ = ["Reward", "RewardOptions"]
+__getattr__ = lazy_attributes(__name__, {name: "rewardkit.rewards.base" for name in __all__})
+
+
+@hookimpl
+def register_rewards(register):
+    from rewardkit.rewards.color import Color
+    from rewardkit.rewards.high_resolution import HighResolution
+    from rewardkit.rewards.smoothness import Smoothness
+
+    register(Color)
+    register(Smoothness)
+    register(HighResolution)
+

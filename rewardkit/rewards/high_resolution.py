@@ -1,4 +1,4 @@
-"""`high_resolution`: R0+'s high-resolution guidance (R0.md, technique 5).
+"""`high_resolution`: R0+'s high-resolution guidance (docs/method.md).
 
 Reward models look at about 224 px, so at 512-1024 px they cannot tell
 crisp detail from a blurry upscale. High-resolution guidance adds a
@@ -114,7 +114,7 @@ class HighResolutionOptions(RewardOptions):
 
 
 class HighResolution(Reward):
-    """mean over patches of log p_phi(HR | patch), in (-inf, 0]."""
+    """R0+'s high-resolution guidance: the mean over patches of log p_phi(HR | patch), in (-inf, 0]."""
 
     name = "high_resolution"
     Options = HighResolutionOptions

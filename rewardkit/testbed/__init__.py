@@ -9,35 +9,64 @@ diversity). The trained weights ship in `rewardkit/testbed/weights/`
 (about 3 MB), so `rewardkit run quickstart` trains only the generator.
 
 Recipes refer to the packaged weights by the reserved name
-``"rewardkit-testbed"`` (the default of every testbed plugin's `model` /
+``"rewardkit-testbed"`` (`data.PACKAGED`, the default of every testbed plugin's `model` /
 `weights` option); a folder written by `python -m rewardkit.testbed.train
 --out DIR` can be given instead, or set for all plugins at once with the
 environment variable REWARDKIT_TESTBED_WEIGHTS=DIR.
+
+This module is the testbed's default plugin module: it registers the
+`testbed` generator and the digit rewards, the `rewardkit testbed-report`
+command, and the table printed when `rewardkit run` ends on the testbed.
+Everything heavy is imported only when a hook runs.
 """
 
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-PACKAGED = "rewardkit-testbed"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-ENV = "REWARDKIT_TESTBED_WEIGHTS"
+from rewardkit.hookspecs import hookimpl
 
 
-def weights_dir(name: str = PACKAGED) -> Path:
-    """The folder of testbed weights that `name` means: the packaged one (or $REWARDKIT_TESTBED_WEIGHTS), or a path."""
-    from rewardkit.errors import UserError
+@hookimpl
+def register_generators(register):
+    from rewardkit.testbed.plugins import TestbedGenerator
 
-    if name == PACKAGED:
-        folder = Path(os.environ.get(ENV) or WEIGHTS_DIR)
-    else:
-        folder = Path(name).expanduser()
-        if folder.name == "teacher" and (folder / "model_index.json").is_file():
-            folder = folder.parent
-    if not (folder / "teacher" / "model_index.json").is_file():
-        raise UserError(
-            f"testbed weights {name!r}: {folder} holds no trained testbed (teacher/model_index.json is missing). "
-            "Train it with `python -m rewardkit.testbed.train` (a few minutes on a CPU; add --out DIR to write elsewhere)."
-        )
-    return folder
+    register(TestbedGenerator)
+
+
+@hookimpl
+def register_rewards(register):
+    from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype, DigitRealism
+
+    register(DigitClassifier)
+    register(DigitRealism)
+    register(DigitPrototype)
+
+
+def _report_arguments(parser):
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run on the testbed generator")
+    parser.add_argument("--per-digit", type=int, default=None, help="samples per digit (default: the recipe's report_samples_per_digit)")
+
+
+def _report_command(args, registry) -> int:
+    from rewardkit.testbed.evaluate import report_run
+
+    print(report_run(args.run_dir, registry=registry, per_digit=args.per_digit))
+    return 0
+
+
+@hookimpl
+def register_commands(register):
+    register(
+        "testbed-report", _report_command, _report_arguments,
+        help="evaluate a testbed run: teacher vs trained generator with the independent evaluator",
+    )
+
+
+@hookimpl
+def run_finished(run_dir, recipe, registry):
+    """After `rewardkit run` on the `testbed` generator: the evaluation table (unless generator.report = false)."""
+    from rewardkit.testbed.plugins import TestbedGenerator
+
+    options = recipe.generator.options
+    if not issubclass(recipe.generator.cls, TestbedGenerator) or not options.report or options.training == "noise":
+        return None
+    from rewardkit.testbed.evaluate import report_run
+
+    return report_run(run_dir, registry=registry)

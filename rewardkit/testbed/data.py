@@ -1,4 +1,4 @@
-"""The testbed's data: scikit-learn's digits, split once, with a fixed seed.
+"""The testbed's data: scikit-learn's digits, split once, with a fixed seed; and where its weights are.
 
 1,797 real handwritten 8x8 digits (values 0..16) ship inside scikit-learn,
 so nothing is downloaded. The splits are disjoint:
@@ -14,7 +14,15 @@ three channels: (N, 3, 16, 16) float in [0, 1], the generator's image format.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+PACKAGED = "rewardkit-testbed"
+"""The reserved name of the weights that ship in the package (the default of every testbed plugin)."""
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+ENV = "REWARDKIT_TESTBED_WEIGHTS"
 
 SPLIT_SEED = 20250317
 N_HELDOUT = 400
@@ -89,3 +97,21 @@ def to_gray(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     if g.shape[-2:] != (size, size):
         g = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return g
+
+
+def weights_dir(name: str = PACKAGED) -> Path:
+    """The folder of testbed weights that `name` means: the packaged one (or $REWARDKIT_TESTBED_WEIGHTS), or a path."""
+    from rewardkit.errors import UserError
+
+    if name == PACKAGED:
+        folder = Path(os.environ.get(ENV) or WEIGHTS_DIR)
+    else:
+        folder = Path(name).expanduser()
+        if folder.name == "teacher" and (folder / "model_index.json").is_file():
+            folder = folder.parent
+    if not (folder / "teacher" / "model_index.json").is_file():
+        raise UserError(
+            f"testbed weights {name!r}: {folder} holds no trained testbed (teacher/model_index.json is missing). "
+            "Train it with `python -m rewardkit.testbed.train` (a few minutes on a CPU; add --out DIR to write elsewhere)."
+        )
+    return folder

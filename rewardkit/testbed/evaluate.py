@@ -14,14 +14,13 @@ the prompts "a handwritten digit 0" .. "9" from fixed noise and reports
   with classifier-free guidance - and VAE decoding) in batches of 100,
   after one warm-up batch, divided by the number of images.
 
-`python -m rewardkit.testbed.evaluate RUN_DIR` prints the table of a finished
-`rewardkit run` on the testbed; the `testbed` generator's `after_fit` builds
-the same table.
+`rewardkit testbed-report RUN_DIR` prints the table of a finished
+`rewardkit run` on the testbed; `rewardkit run` prints it when it ends
+(both through the testbed's plugin module, rewardkit/testbed/__init__.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -29,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewardkit.testbed import PACKAGED, data, weights_dir
+from rewardkit.images import save_grid
+from rewardkit.testbed import data
+from rewardkit.testbed.data import PACKAGED, weights_dir
+from rewardkit.testbed.plugins import TestbedGenerator
 
 EVAL_SEED = 777
 
@@ -133,8 +135,6 @@ def evaluate_generator(generator, reference: Reference, per_digit: int = 30, opt
 
 def teacher(steps: int = 25, guidance: float = 2.0, model: str = PACKAGED, eta: float = 0.0):
     """The packaged teacher as a `testbed` generator (no adapter), set up for sampling."""
-    from rewardkit.testbed.plugins import TestbedGenerator
-
     gen = TestbedGenerator(model=model, num_steps=steps, guidance_scale=guidance, eta=eta, training="full", report=False)
     gen.setup([], 0)
     return gen.eval()
@@ -151,19 +151,20 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def report_run(run_dir, trained=None, per_digit: int | None = None) -> str:
-    """Evaluate teacher (25 steps + CFG), teacher (K steps) and the trained generator of RUN_DIR.
+def report_run(run_dir, *, registry, per_digit: int | None = None) -> str:
+    """Evaluate teacher (25 steps + CFG), teacher (K steps) and the trained generator of RUN_DIR
+    (its newest checkpoint; `registry` reads its recipe).
 
     Writes RUN_DIR/testbed_report.{md,json} and a grid per row in RUN_DIR/samples/,
     and returns the markdown table.
     """
-    from rewardkit.sampling import save_grid
+    from rewardkit.errors import UserError
+    from rewardkit.rundir import load_generator
 
     run_dir = Path(run_dir)
-    if trained is None:
-        from rewardkit.sampling import load_generator
-
-        trained, _, _ = load_generator(run_dir)
+    trained, _, _ = load_generator(run_dir, registry)
+    if not isinstance(trained, TestbedGenerator):
+        raise UserError(f"{run_dir} trained generator '{trained.name}'; the testbed report evaluates runs of the 'testbed' generator")
     o = trained.options
     per_digit = per_digit or o.report_samples_per_digit
     ref = Reference(o.model)
@@ -183,16 +184,3 @@ def report_run(run_dir, trained=None, per_digit: int | None = None) -> str:
     (run_dir / "testbed_report.md").write_text(table + "\n")
     (run_dir / "testbed_report.json").write_text(json.dumps(rows, indent=2) + "\n")
     return table
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rewardkit.testbed.evaluate", description="Print the testbed table of a finished run.")
-    p.add_argument("run_dir")
-    p.add_argument("--per-digit", type=int, default=None)
-    args = p.parse_args(argv)
-    print(report_run(args.run_dir, per_digit=args.per_digit))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

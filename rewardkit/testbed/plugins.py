@@ -29,7 +29,8 @@ from pydantic import Field, PositiveFloat, model_validator
 from rewardkit.errors import UserError
 from rewardkit.generators.sd import SDOptions, StableDiffusion
 from rewardkit.rewards.base import Reward, RewardOptions
-from rewardkit.testbed import PACKAGED, data, weights_dir
+from rewardkit.testbed import data
+from rewardkit.testbed.data import PACKAGED, weights_dir
 
 
 # ----------------------------------------------------------------------------- generator
@@ -38,7 +39,8 @@ class TestbedOptions(SDOptions):
     """'rewardkit-testbed' (the packaged teacher, or $REWARDKIT_TESTBED_WEIGHTS), or a folder
     written by `python -m rewardkit.testbed.train --out DIR`."""
     report: bool = True
-    """After a `rewardkit run`, evaluate teacher and trained generator with the independent evaluator."""
+    """When `rewardkit run` ends, evaluate teacher and trained generator with the independent evaluator
+    (the testbed plugin's `run_finished` hook; `rewardkit testbed-report RUN_DIR` does it on demand)."""
     report_samples_per_digit: int = 30
     report_teacher_steps: int = 25
     report_teacher_guidance: float = 2.0
@@ -64,16 +66,6 @@ class TestbedGenerator(StableDiffusion):
         return StableDiffusionPipeline.from_pretrained(
             str(folder), dtype=torch.float32, safety_checker=None, requires_safety_checker=False
         )
-
-    def after_fit(self, run_dir) -> str:
-        """The end-of-run table (teacher 25 steps + CFG, teacher K steps, this generator); '' if disabled."""
-        if self.options.training == "noise":  # the result is images for the training prompts, not a sampler to evaluate
-            return super().after_fit(run_dir)
-        if not self.options.report:
-            return ""
-        from rewardkit.testbed.evaluate import report_run
-
-        return report_run(run_dir, trained=self)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -109,6 +101,8 @@ class DigitClassifierOptions(RewardOptions):
 
 
 class DigitClassifier(Reward):
+    """log p(digit | image) (or the logit margin) under the CNN trained on split A: the testbed's task reward."""
+
     name = "digit_classifier"
     Options = DigitClassifierOptions
     input_size = (data.IMAGE_SIZE, data.IMAGE_SIZE)
@@ -177,6 +171,8 @@ class DigitPrototypeOptions(RewardOptions):
 
 
 class DigitPrototype(Reward):
+    """Cosine similarity of the image to the mean image of the prompt's digit: prompt-image alignment."""
+
     name = "digit_prototype"
     Options = DigitPrototypeOptions
     input_size = (data.IMAGE_SIZE, data.IMAGE_SIZE)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from rewardkit import weights as hub
+from rewardkit import hub
 from rewardkit.errors import UserError
 
 DType = Literal["float32", "float16", "bfloat16"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from rewardkit.errors import UserError
 from rewardkit.rewards import Reward, RewardOptions
-from rewardkit import weights as hub
+from rewardkit import hub
 from rewardkit.rewards.heads import LinearStackHead
 from rewardkit.rewards.preprocess import preprocess
 from rewardkit_clip import openclip

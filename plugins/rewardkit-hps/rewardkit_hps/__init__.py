@@ -46,7 +46,7 @@ class HPS(Reward):
 
     def __init__(self, **options):
         super().__init__(**options)
-        from rewardkit import weights as hub
+        from rewardkit import hub
         from rewardkit_clip import openclip
 
         o = self.options

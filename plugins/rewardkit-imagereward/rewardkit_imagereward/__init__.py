@@ -65,7 +65,7 @@ class ImageReward(Reward):
 
 def load_model(weights: str, dtype: str = "float32"):
     """The ImageReward model with weights from `weights` (hub reference or local path), built once per process."""
-    from rewardkit import weights as hub
+    from rewardkit import hub
     from rewardkit_imagereward.model import ImageRewardModel, convert_state_dict, shapes_from_checkpoint
 
     path = hub.resolve(weights, what="ImageReward v1.0 weights", option="weights")
@@ -94,7 +94,7 @@ def load_tokenizer(ref: str):
 
     from transformers import BertTokenizer
 
-    from rewardkit import weights as hub
+    from rewardkit import hub
 
     with _LOCK:
         if ref not in _TOKENIZERS:

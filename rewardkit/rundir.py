@@ -1,0 +1,104 @@
+"""The run directory: what a run writes, and how a finished run is read back.
+
+    RUN_DIR/recipe.toml      the resolved recipe (re-runnable)
+    RUN_DIR/metrics.jsonl    one JSON object per step (rewardkit.metrics)
+    RUN_DIR/samples/         grids on fixed prompts and noise
+    RUN_DIR/checkpoints/     atomic checkpoints (rewardkit.checkpoint)
+    RUN_DIR/summary.json     the last step's metrics and the final checkpoint
+    RUN_DIR/images/          noise-optimizing runs: one image per training prompt
+
+Every file here is written atomically (`write_text_atomic`): a reader sees the
+old text or the new, never half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from rewardkit.checkpoint import latest_checkpoint, load_checkpoint
+from rewardkit.errors import UserError
+from rewardkit.recipe import load_recipe
+
+log = logging.getLogger("rewardkit")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a run-directory file so a reader sees the old text or the new, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run never reuses a directory that holds one (UserError); --resume continues it."""
+    if resume:
+        return
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        raise UserError(
+            f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+            f"or choose a new directory with run.dir=..."
+        )
+
+
+def write_recipe(run_dir: Path, recipe: dict, resumed: bool) -> None:
+    """Save the resolved recipe as RUN_DIR/recipe.toml; on resume, warn about keys that changed."""
+    import tomli_w
+
+    path = run_dir / "recipe.toml"
+    text = tomli_w.dumps(_drop_empty(recipe))
+    if resumed and path.exists() and path.read_text() != text:
+        import tomllib
+
+        before = _flatten(tomllib.loads(path.read_text()))
+        after = _flatten(tomllib.loads(text))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        log.warning("resuming with a recipe that differs from the saved one in: %s", ", ".join(changed))
+    write_text_atomic(path, text)
+
+
+def _drop_empty(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not (isinstance(v, dict) and not v)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint) for a run directory (its newest checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path.parent.parent, path
+    if (path / "recipe.toml").is_file():
+        checkpoint = latest_checkpoint(path / "checkpoints")
+        if checkpoint is None:
+            raise UserError(f"{path} holds no complete checkpoint yet; train first, or name a checkpoint folder")
+        return path, checkpoint
+    raise UserError(f"{path} is neither a run directory (with recipe.toml) nor a checkpoint (with state.json)")
+
+
+def load_generator(path: str | Path, registry):
+    """The trained generator of a run directory (newest checkpoint) or of one checkpoint.
+
+    Returns (generator, recipe, checkpoint path), the generator set up exactly
+    as in training and with the checkpoint's weights loaded, in eval mode.
+    """
+    from rewardkit.images import default_device
+
+    run_dir, checkpoint = resolve_run_path(path)
+    recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
+    generator = recipe.generator.build()
+    generator.setup(recipe.prompts, recipe.run.seed)
+    generator.load_trainable_state_dict(load_checkpoint(checkpoint)[0])
+    return generator.to(default_device()).eval(), recipe, checkpoint

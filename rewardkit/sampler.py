@@ -1,0 +1,128 @@
+"""R0's K-step stochastic sampler, apart from any model (as diffusers keeps schedulers apart from models).
+
+A schedule is written as x_t = alpha_t * x0 + sigma_t * eps:
+
+    SD (eps / v prediction):  alpha_t = sqrt(abar_t),  sigma_t = sqrt(1 - abar_t)
+    SD3 (flow matching):      alpha_t = 1 - t,         sigma_t = t
+
+Each step asks the model, through a `predict(x_t, k)` callable, for the clean
+image and the noise (x0_hat, eps_hat) and moves to the next, lower noise level
+s with R0's DDIM-form update
+
+    sigma_eta = eta * (sigma_s / sigma_t) * sqrt(1 - (alpha_t / alpha_s)^2)
+    x_s = alpha_s * x0_hat + sqrt(sigma_s^2 - sigma_eta^2) * eps_hat + sigma_eta * xi
+
+which is DDIM for SD (eta = 0: deterministic DDIM; eta = 1: DDPM posterior)
+and, for flow matching, the Euler step at eta = 0 (x_s = x_t + (s - t) v).
+Whatever eta is, x_s keeps the schedule's marginal noise level sigma_s.
+The output is the x0_hat of the last step (or of the supervised step, R0+).
+The method and which parts of it are reconstructed: docs/method.md.
+
+Only torch is imported: the sampler knows nothing of pipelines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+
+Predict = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""predict(x_t, k) -> (x0_hat, eps_hat) at step k, float32."""
+
+
+def eta_matrix(eta: float | torch.Tensor, batch: int, steps: int, device) -> torch.Tensor:
+    """eta as a (B, K) float32 tensor: column k is used by the update after step k."""
+    e = torch.as_tensor(eta, dtype=torch.float32, device=device)
+    if e.dim() == 0:
+        e = e.expand(batch, steps)
+    elif e.dim() == 1 and e.shape[0] == batch:
+        e = e[:, None].expand(batch, steps)
+    elif e.dim() != 2 or e.shape != (batch, steps):
+        raise ValueError(f"eta must be a float, a ({batch},) or a ({batch}, {steps}) tensor; got shape {tuple(e.shape)}")
+    if bool((e < 0).any()):
+        raise ValueError("eta must be non-negative")
+    return e
+
+
+def step_noise(noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """The fresh noise xi of each update, (B, steps, *shape), determined by each sample's own noise.
+
+    Every sample seeds a torch.Generator with a hash of its input noise, so:
+    a fixed seed gives the same images (`rewardkit sample`), a resumed run
+    draws exactly what the uninterrupted one would have, and a sample's
+    images do not depend on the batch it was generated in.
+    """
+    out = []
+    for z in noise.detach().to("cpu", torch.float32):
+        seed = int.from_bytes(hashlib.blake2b(z.contiguous().numpy().tobytes(), digest_size=8).digest(), "little")
+        rng = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        out.append(torch.randn((steps, *z.shape), generator=rng))
+    return torch.stack(out).to(noise.device)
+
+
+def ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta, xi):
+    """R0's update from noise level t to s (see the module docstring); eta is (B,), xi like x0 or None."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    ratio = (alpha_t / alpha_s) ** 2
+    c = sigma_s / sigma_t * torch.sqrt(torch.clamp(1 - ratio, min=0.0))
+    # eta > 1 would ask for more fresh noise than the level holds: cap at sigma_s.
+    sigma_eta = torch.minimum(eta * c, sigma_s.expand_as(eta)).view(shape)
+    x_s = alpha_s * x0 + torch.sqrt(torch.clamp(sigma_s**2 - sigma_eta**2, min=0.0)) * eps
+    if xi is not None:
+        x_s = x_s + sigma_eta * xi
+    return x_s
+
+
+def sample(
+    predict: Predict,
+    noise: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    eta: float | torch.Tensor = 0.0,
+    supervise_step: int | torch.Tensor | None = None,
+    grad_steps: int | None = None,
+    grad_to_noise: bool = False,
+    trajectory: list | None = None,
+) -> torch.Tensor:
+    """Run the K = len(alpha) steps from `noise`; the returned clean prediction, with gradient where asked.
+
+    Gradient flows into step k of sample i when first_i <= k <= end_i, where
+    end_i is the returned step (the last one, or `supervise_step`) and
+    first_i = end_i - grad_steps + 1 (grad_steps defaults to all steps, or to
+    1 when a step is supervised: R0+ runs the earlier steps without gradient).
+    `grad_to_noise`: the noise itself is being optimized, so the gradient
+    must reach it through every step (grad_steps then defaults to all).
+    If `trajectory` is a list, the x_t entering each step is appended to it.
+    """
+    K = len(alpha)
+    B, device = noise.shape[0], noise.device
+    eta = eta_matrix(eta, B, K, device)
+    if supervise_step is None:
+        end = torch.full((B,), K - 1, dtype=torch.long, device=device)
+    else:
+        end = torch.as_tensor(supervise_step, dtype=torch.long, device=device).expand(B)
+        if bool(((end < 0) | (end >= K)).any()):
+            raise ValueError(f"supervise_step must be in [0, {K - 1}] for {K} steps; got {end.tolist()}")
+    span = grad_steps if grad_steps is not None else (1 if supervise_step is not None and not grad_to_noise else K)
+    first = (end - span + 1).clamp(min=0)
+    last = int(end.max())
+    xi = step_noise(noise, K - 1) if K > 1 and bool((eta[:, : K - 1] > 0).any()) else None
+    view = (B,) + (1,) * (noise.dim() - 1)
+
+    want_grad = torch.is_grad_enabled()
+    x, out = noise.float(), None
+    for k in range(last + 1):
+        # Cut the graph in front of each sample's first step with gradient (not in front of
+        # step 0: there x is the input noise, which only has a graph when it is optimized).
+        if k > 0:
+            x = torch.where((first == k).view(view), x.detach(), x)
+        if trajectory is not None:
+            trajectory.append(x.detach())
+        with torch.set_grad_enabled(want_grad and bool(((first <= k) & (k <= end)).any())):
+            x0, eps = predict(x, k)
+            out = x0 if out is None else torch.where((end == k).view(view), x0, out)
+            if k < last:
+                x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
+    return out
