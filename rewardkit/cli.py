@@ -104,8 +104,6 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     for name, command in sorted((commands or {}).items()):
-        if name in COMMANDS:
-            continue  # a plugin cannot replace a core command
         p = sub.add_parser(name, parents=[common], help=f"{command.help} [{command.package}]", description=command.help)
         if command.arguments is not None:
             command.arguments(p)
@@ -121,7 +119,8 @@ def _plugin_commands(argv: list[str]) -> dict:
     commands = load_commands(installed=False)
     word = next((a for a in argv if not a.startswith("-")), None)
     if word is not None and word not in COMMANDS and word not in commands:
-        commands = load_commands(installed=True)
+        local = [b for a, b in zip(argv, argv[1:]) if a == "--plugin"] + [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+        commands = load_commands(installed=True, local_files=local)
     return commands
 
 

@@ -39,14 +39,15 @@ def generate(generator, prompts: Sequence[str], noise: torch.Tensor, options=Non
     return torch.cat(chunks)
 
 
-def optimized_batches(generator, prompts: Sequence[str], batch_size: int = 8):
+def optimized_batches(generator, prompts: Sequence[str], batch_size: int = 8, table: torch.Tensor | None = None):
     """Yield (first position, images) for every training prompt, from its optimized noise.
 
     For generators that optimize one input noise per training prompt
     (`optimized_noise()` is not None): row i of the noise belongs to prompts[i].
     Each batch is one generator call, so `prompt_index` matches its prompts.
+    `table`: the whole noise table, when `optimized_noise()` holds only a shard (FSDP).
     """
-    table = generator.optimized_noise()
+    table = generator.optimized_noise() if table is None else table
     options = generator.sample_options()
     for start in range(0, len(prompts), batch_size):
         index = torch.arange(start, min(start + batch_size, len(prompts)))

@@ -18,7 +18,6 @@ rewritten per reward.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -93,7 +92,7 @@ class Optimizer:
         self.optim = _section(OptimizerSection, optimizer, "optimizer")
         self.run_dir = Path(self.run.dir or "runs/rewardkit")
         self.evaluation = evaluation
-        self.eval_rewards = _labelled(evaluation.rewards, "eval.rewards") if evaluation else {}
+        self.eval_rewards = _built(_labelled(evaluation.rewards, "eval.rewards")) if evaluation else {}
         if not self.rewards:
             raise UserError("rewards: at least one reward is needed")
         for label, reward in self.rewards.items():
@@ -102,9 +101,10 @@ class Optimizer:
                     f"rewards.{label}: '{reward.name}' is not differentiable, so it cannot be trained on; "
                     "use it for evaluation only, or pick a differentiable reward"
                 )
-        spec = lambda label, plugin: PluginSpec(label, type(plugin), plugin.options)  # noqa: E731
-        checked = [(f"{where}.{label}", spec(label, p)) for where, table in (("rewards", self.rewards), ("regularizers", self.regularizers), ("eval.rewards", self.eval_rewards)) for label, p in table.items()]
-        problems = check_plugins(spec("generator", generator), checked)
+        checked = []
+        for where, plugins in (("rewards", self.rewards), ("regularizers", self.regularizers), ("eval.rewards", self.eval_rewards)):
+            checked += [(f"{where}.{label}", _spec(label, plugin)) for label, plugin in plugins.items()]
+        problems = check_plugins(_spec("generator", generator), checked)
         if problems:
             raise RecipeError("Optimizer(...)", problems)
 
@@ -120,7 +120,6 @@ class Optimizer:
 
                 registry = load_registry()
             recipe = load_recipe(recipe, overrides, registry=registry)
-        ev = recipe.evaluation
         return cls(
             generator=recipe.generator.build(),
             rewards={s.label: s.build() for s in recipe.rewards},
@@ -129,7 +128,7 @@ class Optimizer:
             sample_prompts=recipe.sample_prompts,
             run=recipe.run,
             optimizer=recipe.optimizer,
-            evaluation=dataclasses.replace(ev, rewards={s.label: s.build() for s in ev.rewards}) if ev else None,
+            evaluation=recipe.evaluation,
         )
 
     def recipe(self) -> dict:
@@ -247,7 +246,7 @@ class Optimizer:
 
         Every process takes the same branch (the decision is all-gathered), or DDP's collectives mismatch.
         """
-        acc, optim = self.accelerator, self.optim_torch
+        acc, optim = self.accelerator, self.torch_optimizer
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
         finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
         param_grad_norm, backward_time, applied = math.nan, 0.0, False
@@ -315,19 +314,20 @@ class Optimizer:
         checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if checkpoint is None and resume:
             log.info("nothing to resume in %s: starting from step 0", run_dir)
-        saved = self._restore_weights(checkpoint) if checkpoint is not None else None  # before prepare: FSDP shards what it is given
-        start_step = saved[1]["step"] if saved else 0
+        # weights before prepare (FSDP shards what it is given), optimizer state after it
+        optim_state, state = self._restore_weights(checkpoint) if checkpoint is not None else (None, {"step": 0})
+        start_step = state["step"]
         if self.main:  # without a checkpoint nothing is kept, not even a step-0 evaluation line
             self.metrics.truncate_after(start_step if checkpoint is not None else -1)
             write_recipe(run_dir, self.recipe(), resumed=checkpoint is not None)
-        self.model, self.optim_torch = acc.prepare(gen, optim)
+        self.model, self.torch_optimizer = acc.prepare(gen, optim)
         # FSDP replaces each parameter by its shard and only then can take optimizer state; its forward is a
         # collective, so every process takes part in drawing grids and evaluations (rank 0 still writes alone).
         self.sharded = acc.distributed_type == DistributedType.FSDP
         self.draws = self.main or self.sharded
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if saved:
-            self._restore_optimizer(*saved)
+        if optim_state is not None:
+            self._restore_optimizer(optim_state, state)
         if run.trackers:
             acc.init_trackers("rewardkit")
 
@@ -353,7 +353,7 @@ class Optimizer:
 
     def _restore_optimizer(self, optim_state: dict, state: dict) -> None:
         """Optimizer and LR-schedule state into the prepared (possibly sharded) optimizer."""
-        optim = self.optim_torch
+        optim = self.torch_optimizer
         distributed.load_optimizer_state(self.generator, optim.optimizer, optim_state["optimizer"])
         if state.get("total_steps", self.run.steps) == self.run.steps:
             self.schedule.load_state_dict(optim_state["schedule"])
@@ -369,7 +369,7 @@ class Optimizer:
         # process takes part): a checkpoint resumes under any process count and configuration
         if self.main or self.sharded:
             weights = self.generator.trainable_state_dict()
-            optimizer_state = distributed.optimizer_state(self.generator, self.optim_torch.optimizer)
+            optimizer_state = distributed.optimizer_state(self.generator, self.torch_optimizer.optimizer)
         if self.main:
             save_checkpoint(
                 self.run_dir / "checkpoints",
@@ -407,9 +407,9 @@ class Optimizer:
         self.progress.update(1)
         self.progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.startswith("reward/")}, refresh=False)
 
-    def _draw(self, prompts: Sequence[str], noise: torch.Tensor, options=None) -> torch.Tensor:
+    def _draw(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
         """Images without gradient, on every drawing process (FSDP's forward is a collective); resharded after."""
-        images = generate(self.generator, prompts, noise, options)
+        images = generate(self.generator, prompts, noise)
         distributed.reshard(self.generator)
         return images
 
@@ -436,7 +436,8 @@ class Optimizer:
         if not self.draws:
             return ""
         folder, paths = self.run_dir / "images", []
-        for start, images in optimized_batches(self.generator, self.prompts):  # batch by batch: N images need not fit in memory
+        table = distributed.full_tensor(self.generator.optimized_noise()).detach()  # under FSDP a collective: every drawing process
+        for start, images in optimized_batches(self.generator, self.prompts, table=table):  # batch by batch: N images need not fit in memory
             distributed.reshard(self.generator)
             if self.main:
                 paths += save_pngs(images, folder, start=start)
@@ -472,17 +473,31 @@ class Optimizer:
 
 
 # ----------------------------------------------------------------------------------
+def _spec(label: str, plugin) -> PluginSpec:
+    """A built plugin as the spec that recipe checks take."""
+    return PluginSpec(label, type(plugin), plugin.options)
+
+
 def _labelled(items, what: str) -> dict:
-    """Plugins by label: a dict as given, or a list labelled by plugin name (name_2, ... on repeats)."""
+    """Plugins by label: a dict as given, or a list labelled by plugin name (name_2, ... on repeats);
+    a loaded Recipe's specs keep their table's label."""
     if isinstance(items, Mapping):
         return dict(items)
     out = {}
     for item in items:
+        if isinstance(item, PluginSpec):
+            out[item.label] = item
+            continue
         label, k = item.name, 2
         while label in out:
             label, k = f"{item.name}_{k}", k + 1
         out[label] = item
     return out
+
+
+def _built(plugins: dict) -> dict:
+    """Plugins by label, a loaded Recipe's specs built (Evaluation.rewards holds either)."""
+    return {label: p.build() if isinstance(p, PluginSpec) else p for label, p in plugins.items()}
 
 
 def _section(model, value, where: str):

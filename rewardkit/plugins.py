@@ -33,6 +33,10 @@ from rewardkit.errors import UserError, did_you_mean
 ENTRY_POINT_GROUP = "rewardkit"
 LOAD_ENV = "REWARDKIT_LOAD_PLUGINS"
 KINDS = {"generator": "register_generators", "reward": "register_rewards", "regularizer": "register_regularizers"}
+HOOKS = {**KINDS, "command": "register_commands"}
+"""The registering hook of each kind of thing a plugin provides."""
+CORE_COMMANDS = ("run", "validate", "plugins", "sample", "export", "eval", "train-hires")
+"""The commands of rewardkit/cli.py, which a plugin cannot replace."""
 DEFAULT_PLUGINS = ("rewardkit.generators", "rewardkit.rewards", "rewardkit.regularizers", "rewardkit.testbed")
 """The built-ins: modules registered through the same hooks as third-party plugins, before them."""
 
@@ -49,11 +53,12 @@ class PluginInfo:
 
     @property
     def summary(self) -> str:
-        """The first line of the class's docstring (else its module's), without a leading "`name`: "."""
+        """The first line of the class's docstring (else its module's), without a leading "`name`: ", capitalized."""
         doc = (self.cls.__doc__ or "").strip() or (sys.modules[self.cls.__module__].__doc__ or "").strip()
         line = doc.splitlines()[0] if doc else ""
         prefix = f"`{self.name}`: "
-        return line[len(prefix):] if line.startswith(prefix) else line
+        line = line[len(prefix):] if line.startswith(prefix) else line
+        return line[:1].upper() + line[1:]
 
 
 @dataclass(frozen=True)
@@ -114,15 +119,16 @@ def load_registry(local_files: Iterable[str | os.PathLike] = ()) -> Registry:
     """Build a registry from the default plugin modules, installed plugins and `local_files`."""
     registry = Registry()
     pm, origins = _plugin_manager(registry, local_files, installed=True)
-    _call_register_hooks(registry, pm, origins, [*KINDS, "command"])
+    _call_register_hooks(registry, pm, origins, list(HOOKS))
     return registry
 
 
-def load_commands(installed: bool) -> dict[str, Command]:
+def load_commands(installed: bool, local_files: Iterable[str | os.PathLike] = ()) -> dict[str, Command]:
     """The plugins' subcommands, without loading any generator, reward or regularizer class: those of the
-    default plugin modules, and with `installed` those of installed packages too (which may import torch)."""
+    default plugin modules, and with `installed` those of installed packages (which may import torch) and
+    of `local_files` too."""
     registry = Registry()
-    pm, origins = _plugin_manager(registry, (), installed=installed)
+    pm, origins = _plugin_manager(registry, local_files if installed else (), installed=installed)
     _call_register_hooks(registry, pm, origins, ["command"])
     return registry.commands
 
@@ -166,8 +172,7 @@ def _plugin_manager(registry: Registry, local_files, installed: bool):
 
 def _call_register_hooks(registry: Registry, pm, origins: dict, kinds: list[str]) -> None:
     for kind in kinds:
-        hook_name = KINDS.get(kind, "register_commands")
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        for impl in getattr(pm.hook, HOOKS[kind]).get_hookimpls():
             origin = origins[impl.plugin_name]
             register = _command_registrar(registry, origin) if kind == "command" else _registrar(registry, kind, origin)
             try:
@@ -178,6 +183,9 @@ def _call_register_hooks(registry: Registry, pm, origins: dict, kinds: list[str]
 
 def _command_registrar(registry: Registry, origin: _Origin):
     def register(name: str, run: Callable, arguments: Callable | None = None, help: str = ""):
+        if name in CORE_COMMANDS:
+            registry._fail(name, origin.package, f"command '{name}' is one of rewardkit's own commands")
+            return
         existing = registry.commands.get(name)
         if existing is not None and existing.run is not run:
             registry._fail(name, origin.package, f"command '{name}' is already registered by {existing.package}")

@@ -162,8 +162,8 @@ class Evaluation:
 
     prompts: Sequence[str]
     rewards: Mapping | Sequence
-    """Reward plugins: a dict by label, or a list (labelled by name). In a loaded Recipe, their PluginSpecs
-    (Optimizer.from_recipe builds them)."""
+    """Reward plugins: a dict by label, or a list (labelled by name); in a loaded Recipe, their
+    PluginSpecs, which the Optimizer builds."""
     every: int = 0
     """Every N steps (0: before the first and after the last step only)."""
     n_per_prompt: int = 1

@@ -7,8 +7,10 @@
     RUN_DIR/summary.json     the last step's metrics and the final checkpoint
     RUN_DIR/images/          noise-optimizing runs: one image per training prompt
 
-Every file here is written atomically (`write_text_atomic`): a reader sees the
-old text or the new, never half of it.
+Whole-file writes go through `write_text_atomic` (a reader sees the old text
+or the new, never half of it); metrics.jsonl is appended line by line and
+cut back on resume (rewardkit.metrics), grids are written to a temporary name
+and renamed (rewardkit.images).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ which is DDIM for SD (eta = 0: deterministic DDIM; eta = 1: DDPM posterior)
 and, for flow matching, the Euler step at eta = 0 (x_s = x_t + (s - t) v).
 Whatever eta is, x_s keeps the schedule's marginal noise level sigma_s.
 The output is the x0_hat of the last step (or of the supervised step, R0+).
-The method and which parts of it are reconstructed: docs/method.md.
+The method and which parts of it are reconstructed: docs/r0.md.
 
 Only torch is imported: the sampler knows nothing of pipelines.
 """

@@ -191,3 +191,30 @@ def test_wandb_asked_but_not_installed_is_bad_input(tmp_path):
     with pytest.raises(UserError, match="wandb is not installed: pip install 'rewardkit\\[wandb\\]'"):
         Optimizer.from_recipe(recipe).fit()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_loaded_recipes_evaluation_goes_to_the_optimizer_as_is(tmp_path):
+    """Evaluation is one type: the recipe's [eval] (reward specs) is accepted by Optimizer(evaluation=...)."""
+    recipe = pixels_recipe(tmp_path / "r", steps=2)
+    recipe["eval"] = {"prompts": ["a red square"], "rewards": {"held_out": {"type": "smoothness"}}}
+    loaded = load_recipe(recipe, registry=load_registry())
+    opt = Optimizer(Pixels(height=8, width=8), [Color()], prompts=["a red square"], run={"steps": 2, "dir": str(tmp_path / "api"), "trackers": []},
+                    evaluation=loaded.evaluation)
+    assert type(opt.eval_rewards["held_out"]).name == "smoothness"
+    assert "eval/held_out" in opt.fit().metrics
+
+
+def test_a_generator_that_does_not_say_its_steps_is_checked_at_training_time(tmp_path):
+    """Cross-plugin checks refuse what a generator declares, and leave generators that declare nothing alone."""
+    from rewardkit.regularizers.intermediate_step import IntermediateStep
+
+    class Undeclared(Pixels):  # a third-party generator written before planned_steps existed
+        name = "undeclared"
+
+        @classmethod
+        def planned_steps(cls, options):
+            return None
+
+    opt = Optimizer(Undeclared(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run={"steps": 1, "dir": str(tmp_path / "u"), "trackers": []})
+    with pytest.raises(UserError, match="does not say its number of steps"):
+        opt.fit()  # the runtime check, as before

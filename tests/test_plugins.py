@@ -165,3 +165,14 @@ def test_a_plugin_adds_a_command_and_an_end_of_run_report(tmp_path, write_recipe
     helped = run_cli("--help", env=env)
     assert "testbed-report" in helped.stdout, "default plugin modules' commands are in --help"
     assert "hello" not in helped.stdout, "--help does not import installed packages"
+
+
+def test_a_local_plugin_file_adds_a_command_and_cannot_replace_a_core_one(tmp_path):
+    local = tmp_path / "hello_local.py"
+    local.write_text(COMMAND_PLUGIN.replace('register("hello"', 'register("run", hello, arguments)\n    register("hello"'))
+    proc = run_cli("hello", "there", "--plugin", str(local))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("hello there, ")
+    listing = json.loads(run_cli("plugins", "--json", "--plugin", str(local)).stdout)
+    assert [f["plugin"] for f in listing["failed"]] == ["run"] and "rewardkit's own commands" in listing["failed"][0]["error"]
+    assert not [p for p in listing["plugins"] if p["kind"] == "command" and p["name"] == "run"]

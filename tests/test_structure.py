@@ -117,6 +117,25 @@ def test_low_layers_import_nothing_above_them(module, allowed):
     assert import_graph()[module] <= allowed
 
 
+BASE = {"rewardkit", "rewardkit.errors", "rewardkit.options", "rewardkit.hookspecs", "rewardkit.lazy", "rewardkit.images", "rewardkit.sampler",
+        "rewardkit.distributed", "rewardkit.checkpoint", "rewardkit.hub", "rewardkit.prompts"}
+
+
+def plugin_layer(module: str) -> bool:
+    """The built-in plugins: they may import the base layer and each other, nothing above (docs/design.md).
+    (The testbed's hook module registers commands, which run its top-layer evaluation.)"""
+    return module.startswith(("rewardkit.generators", "rewardkit.rewards", "rewardkit.regularizers")) or module in (
+        "rewardkit.testbed.plugins", "rewardkit.testbed.data", "rewardkit.testbed.models")
+
+
+def test_the_layers_of_the_module_map():
+    graph = import_graph()
+    above = {m: sorted(t for t in graph[m] if t not in BASE) for m in graph if m in BASE}
+    assert not any(above.values()), f"base-layer modules import above the base layer: { {m: t for m, t in above.items() if t} }"
+    above = {m: sorted(t for t in graph[m] if t not in BASE and not plugin_layer(t)) for m in graph if plugin_layer(m)}
+    assert not any(above.values()), f"plugin-layer modules import above their layer: { {m: t for m, t in above.items() if t} }"
+
+
 def test_the_core_does_not_import_the_testbed():
     """The digits demo is a default plugin module: the core reaches it only through the plugin hooks."""
     graph = import_graph()
@@ -149,7 +168,7 @@ def test_documents_cited_in_code_and_docs_exist():
     missing = sorted({f"{src.relative_to(ROOT)} -> {dst.relative_to(ROOT) if dst.is_relative_to(ROOT) else dst}" for src, dst in cited if not dst.is_file()})
     assert cited and not missing, missing
     for path in PACKAGE.rglob("*.py"):
-        assert "R0.md" not in path.read_text(encoding="utf-8"), f"{path} cites R0.md, which is not in the repository (docs/method.md is)"
+        assert "R0.md" not in path.read_text(encoding="utf-8"), f"{path} cites R0.md, which is not in the repository (docs/r0.md is)"
 
 
 def test_plugin_packages_import_only_the_plugin_api():

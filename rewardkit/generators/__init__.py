@@ -20,4 +20,3 @@ def register_generators(register):
     register(Pixels)
     register(StableDiffusion)
     register(StableDiffusion3)
-

@@ -84,13 +84,15 @@ class Generator(Configurable, torch.nn.Module):
     # --- what a recipe's other plugins may ask before anything is built -------------
     @classmethod
     def planned_steps(cls, options) -> int | None:
-        """The number of sampler steps a generator with these options runs (None: it has no steps)."""
+        """The number of sampler steps a generator with these options runs; 0 when it has no sampler;
+        None when it does not say (the checks that need it are then left to training time)."""
         return None
 
     @classmethod
-    def planned_noise_optimization(cls, options) -> bool:
-        """Whether a generator with these options optimizes its input noise (see `optimized_noise`)."""
-        return False
+    def planned_noise_optimization(cls, options) -> bool | None:
+        """Whether a generator with these options optimizes its input noise (see `optimized_noise`);
+        None when it does not say."""
+        return None
 
     # --- what gets trained, saved and regularized -------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -29,6 +29,14 @@ class Pixels(Generator):
     name = "pixels"
     Options = PixelsOptions
 
+    @classmethod
+    def planned_steps(cls, options) -> int:
+        return 0  # no sampler: the images are the parameters
+
+    @classmethod
+    def planned_noise_optimization(cls, options) -> bool:
+        return False
+
     def setup(self, prompts: Sequence[str], seed: int) -> None:
         self.prompts = list(dict.fromkeys(prompts))
         self.index = {p: i for i, p in enumerate(self.prompts)}

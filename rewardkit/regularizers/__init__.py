@@ -24,4 +24,3 @@ def register_regularizers(register):
     register(RandomEta)
     register(IntermediateStep)
     register(NoiseNorm)
-

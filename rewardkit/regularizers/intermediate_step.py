@@ -1,4 +1,4 @@
-"""`intermediate_step`: R0+'s intermediate supervision (docs/method.md).
+"""`intermediate_step`: R0+'s intermediate supervision (docs/r0.md).
 
 Each training step picks a random step k of the K sampler steps, per sample
 (or one for the whole batch); the generator runs the steps before k without
@@ -40,6 +40,8 @@ class IntermediateStep(Regularizer):
     def check(cls, options, generator, where: str) -> list[str]:
         K = generator.cls.planned_steps(generator.options)
         if K is None:
+            return []  # the generator does not say: adjust_sampling checks against its sample options
+        if K == 0:
             return [f"{where}: generator '{generator.cls.name}' has no sampler steps, so there is no intermediate step to supervise"]
         if options.steps is not None and max(options.steps) >= K:
             return [f"{where}.steps: {list(options.steps)} goes past the generator's {K} steps (0..{K - 1}, generator.num_steps = {K})"]

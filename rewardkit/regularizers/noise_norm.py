@@ -47,8 +47,8 @@ class NoiseNorm(Regularizer):
 
     @classmethod
     def check(cls, options, generator, where: str) -> list[str]:
-        if generator.cls.planned_noise_optimization(generator.options):
-            return []
+        if generator.cls.planned_noise_optimization(generator.options) is not False:
+            return []  # it optimizes noise, or does not say: setup() checks when it is built
         return [
             f"{where}: 'noise_norm' constrains optimized noise, and generator '{generator.cls.name}' optimizes weights "
             f"as configured; set generator.training = 'noise' or remove [{where}]"

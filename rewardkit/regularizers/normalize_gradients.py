@@ -2,7 +2,7 @@
 
 Each reward's image gradient g_i = d r_i / d x is divided by its per-sample
 L2 norm before the weighted sum, so a reward whose gradients are 1000x
-smaller still steers the search (docs/method.md).
+smaller still steers the search (docs/r0.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`random_eta`: draw the sampler's stochasticity eta at random in training (docs/method.md).
+"""`random_eta`: draw the sampler's stochasticity eta at random in training (docs/r0.md).
 
 Each training step draws eta per sample and per step (or per sample only),
 so the generator has to work along many sampling paths rather than one; a

@@ -21,4 +21,3 @@ def register_rewards(register):
     register(Color)
     register(Smoothness)
     register(HighResolution)
-

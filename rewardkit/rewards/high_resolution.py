@@ -1,4 +1,4 @@
-"""`high_resolution`: R0+'s high-resolution guidance (docs/method.md).
+"""`high_resolution`: R0+'s high-resolution guidance (docs/r0.md).
 
 Reward models look at about 224 px, so at 512-1024 px they cannot tell
 crisp detail from a blurry upscale. High-resolution guidance adds a

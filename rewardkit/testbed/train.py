@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from rewardkit.testbed import data, models
 
 log = logging.getLogger("rewardkit.testbed")
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 SEEDS = {"vae": 1, "teacher": 2, "classifier": 3, "evaluator": 4}
 PCA_COMPONENTS = 16
 CFG_DROPOUT = 0.1
@@ -180,7 +179,7 @@ def reward_model_tensors(cnn, xa, ya) -> dict[str, torch.Tensor]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rewardkit.testbed.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"output folder (default: the package's, {WEIGHTS_DIR})")
+    p.add_argument("--out", type=Path, default=data.WEIGHTS_DIR, help=f"output folder (default: the package's, {data.WEIGHTS_DIR})")
     p.add_argument("--vae-steps", type=int, default=250)
     p.add_argument("--teacher-steps", type=int, default=1000)
     p.add_argument("--teacher-batch", type=int, default=64)
