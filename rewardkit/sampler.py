@@ -5,16 +5,21 @@ A schedule is written as x_t = alpha_t * x0 + sigma_t * eps:
     SD (eps / v prediction):  alpha_t = sqrt(abar_t),  sigma_t = sqrt(1 - abar_t)
     SD3 (flow matching):      alpha_t = 1 - t,         sigma_t = t
 
-Each step asks the model, through a `predict(x_t, k)` callable, for the clean
+Each step asks the model, through a `predict(x_t, k, rows)` callable, for the clean
 image and the noise (x0_hat, eps_hat) and moves to the next, lower noise level
 s with R0's DDIM-form update
 
-    sigma_eta = eta * (sigma_s / sigma_t) * sqrt(1 - (alpha_t / alpha_s)^2)
+    sigma_eta = eta * sigma_s * sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2)
     x_s = alpha_s * x0_hat + sqrt(sigma_s^2 - sigma_eta^2) * eps_hat + sigma_eta * xi
 
-which is DDIM for SD (eta = 0: deterministic DDIM; eta = 1: DDPM posterior)
-and, for flow matching, the Euler step at eta = 0 (x_s = x_t + (s - t) v).
-Whatever eta is, x_s keeps the schedule's marginal noise level sigma_s.
+sigma_eta at eta = 1 is the standard deviation of the Gaussian posterior
+q(x_s | x_t, x0) for any alpha / sigma schedule, and x_s then has that
+posterior's mean; eta in [0, 1] interpolates to the deterministic update at
+eta = 0. For SD's variance-preserving schedule this is exactly DDIM's
+sigma = eta * sqrt((1 - a_s) / (1 - a_t)) * sqrt(1 - a_t / a_s); for flow
+matching it is the Euler step at eta = 0 (x_s = x_t + (s - t) v) and never
+asks for more fresh noise than sigma_s (DDIM's VP-only formula does, for
+flow matching). Whatever eta is, x_s keeps the marginal noise level sigma_s.
 The output is the x0_hat of the last step (or of the supervised step, R0+).
 The method and which parts of it are reconstructed: docs/r0.md.
 
@@ -28,12 +33,13 @@ from typing import Callable
 
 import torch
 
-Predict = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-"""predict(x_t, k) -> (x0_hat, eps_hat) at step k, float32."""
+Predict = Callable[[torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+"""predict(x_t, k, rows) -> (x0_hat, eps_hat) at step k, float32, for the samples `rows` of the batch
+(x_t holds just those rows; None: the whole batch, in order)."""
 
 
 def eta_matrix(eta: float | torch.Tensor, batch: int, steps: int, device) -> torch.Tensor:
-    """eta as a (B, K) float32 tensor: column k is used by the update after step k."""
+    """eta as a (B, K) float32 tensor in [0, 1]: column k is used by the update after step k."""
     e = torch.as_tensor(eta, dtype=torch.float32, device=device)
     if e.dim() == 0:
         e = e.expand(batch, steps)
@@ -41,8 +47,8 @@ def eta_matrix(eta: float | torch.Tensor, batch: int, steps: int, device) -> tor
         e = e[:, None].expand(batch, steps)
     elif e.dim() != 2 or e.shape != (batch, steps):
         raise ValueError(f"eta must be a float, a ({batch},) or a ({batch}, {steps}) tensor; got shape {tuple(e.shape)}")
-    if bool((e < 0).any()):
-        raise ValueError("eta must be non-negative")
+    if bool(((e < 0) | (e > 1)).any()):
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic, 1: the posterior's noise); got values in [{float(e.min())}, {float(e.max())}]")
     return e
 
 
@@ -62,14 +68,19 @@ def step_noise(noise: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.stack(out).to(noise.device)
 
 
+def posterior_std(alpha_t, sigma_t, alpha_s, sigma_s):
+    """The standard deviation of q(x_s | x_t, x0) for x = alpha x0 + sigma eps, s less noisy than t."""
+    r = (alpha_t * sigma_s) / (alpha_s * sigma_t)  # the signal-to-noise ratio of t over that of s: below 1
+    if bool(r > 1 + 1e-6):
+        raise ValueError(f"an update must go to a less noisy level: alpha/sigma {float(alpha_s / sigma_s):.4g} at s is below {float(alpha_t / sigma_t):.4g} at t")
+    return sigma_s * torch.sqrt(torch.clamp(1 - r**2, min=0.0))  # clamp: rounding only
+
+
 def ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta, xi):
-    """R0's update from noise level t to s (see the module docstring); eta is (B,), xi like x0 or None."""
+    """R0's update from noise level t to s (see the module docstring); eta is (B,) in [0, 1], xi like x0 or None."""
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    ratio = (alpha_t / alpha_s) ** 2
-    c = sigma_s / sigma_t * torch.sqrt(torch.clamp(1 - ratio, min=0.0))
-    # eta > 1 would ask for more fresh noise than the level holds: cap at sigma_s.
-    sigma_eta = torch.minimum(eta * c, sigma_s.expand_as(eta)).view(shape)
-    x_s = alpha_s * x0 + torch.sqrt(torch.clamp(sigma_s**2 - sigma_eta**2, min=0.0)) * eps
+    sigma_eta = (eta * posterior_std(alpha_t, sigma_t, alpha_s, sigma_s)).view(shape)
+    x_s = alpha_s * x0 + torch.sqrt(torch.clamp(sigma_s**2 - sigma_eta**2, min=0.0)) * eps  # clamp: rounding only
     if xi is not None:
         x_s = x_s + sigma_eta * xi
     return x_s
@@ -95,6 +106,10 @@ def sample(
     `grad_to_noise`: the noise itself is being optimized, so the gradient
     must reach it through every step (grad_steps then defaults to all).
     If `trajectory` is a list, the x_t entering each step is appended to it.
+
+    Each step runs the model with gradient only for the rows that need it and
+    not at all for rows already past their returned step, so R0+'s per-sample
+    supervised steps cost what their steps imply, not a full backward pass.
     """
     K = len(alpha)
     B, device = noise.shape[0], noise.device
@@ -120,9 +135,26 @@ def sample(
             x = torch.where((first == k).view(view), x.detach(), x)
         if trajectory is not None:
             trajectory.append(x.detach())
-        with torch.set_grad_enabled(want_grad and bool(((first <= k) & (k <= end)).any())):
-            x0, eps = predict(x, k)
-            out = x0 if out is None else torch.where((end == k).view(view), x0, out)
-            if k < last:
-                x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
+        active = k <= end
+        x0, eps = _predict_rows(predict, x, k, active & (first <= k) if want_grad else torch.zeros_like(active), active)
+        out = x0 if out is None else torch.where((end == k).view(view), x0, out)
+        if k < last:
+            x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
     return out
+
+
+def _predict_rows(predict: Predict, x: torch.Tensor, k: int, with_grad: torch.Tensor, active: torch.Tensor):
+    """(x0_hat, eps_hat) for the whole batch: `with_grad` rows with gradient, the other active rows without,
+    inactive rows (past their returned step) not computed (zeros, never used)."""
+    if bool(active.all()) and (bool(with_grad.all()) or not bool(with_grad.any())):
+        with torch.set_grad_enabled(bool(with_grad.any())):
+            return predict(x, k, None)
+    parts, order = [], []
+    for rows, grad in ((with_grad.nonzero()[:, 0], True), ((active & ~with_grad).nonzero()[:, 0], False)):
+        if len(rows):
+            with torch.set_grad_enabled(grad):
+                parts.append(predict(x[rows], k, rows))
+            order.append(rows)
+    rows = torch.cat(order)
+    x0, eps = (torch.zeros_like(x).index_put((rows,), torch.cat([p[i] for p in parts])) for i in (0, 1))
+    return x0, eps

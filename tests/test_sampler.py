@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rewardkit import sampler
@@ -14,7 +15,7 @@ def test_with_an_exact_denoiser_and_eta_zero_every_step_lands_on_the_data():
     x0 = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     visited = []
 
-    def predict(x, k):  # the exact posterior mean of a point mass: x0, and the noise that explains x_t
+    def predict(x, k, rows):  # the exact posterior mean of a point mass: x0, and the noise that explains x_t
         visited.append(k)
         return x0, (x - ALPHA[k] * x0) / SIGMA[k]
 
@@ -33,7 +34,7 @@ def test_with_an_exact_denoiser_and_eta_zero_every_step_lands_on_the_data():
 def test_gradient_reaches_exactly_the_steps_asked_for():
     weights = torch.nn.Parameter(torch.ones(4))
 
-    def predict(x, k):  # step k scales by its own weight, so d out / d weights[k] != 0 iff step k is on the graph
+    def predict(x, k, rows):  # step k scales by its own weight, so d out / d weights[k] != 0 iff step k is on the graph
         x0 = weights[k] * x
         return x0, x - x0
 
@@ -49,3 +50,51 @@ def test_gradient_reaches_exactly_the_steps_asked_for():
     assert grads(supervise_step=1) == [False, True, False, False]  # R0+: earlier steps without gradient, later ones not run
     assert grads(supervise_step=torch.tensor([1, 2])) == [False, True, True, False]
     assert grads(supervise_step=2, grad_to_noise=True) == [True, True, True, False]
+
+
+# --- the stochastic update ----------------------------------------------------------------------
+def test_an_sd_update_with_eta_is_diffusers_ddim_step():
+    """SD's schedule: one update with eta > 0 equals DDIMScheduler.step(..., eta, variance_noise=xi)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing",
+                              set_alpha_to_one=True, clip_sample=False)
+    scheduler.set_timesteps(4)  # 999, 749, 499, 249
+    g = torch.Generator().manual_seed(3)
+    x, eps, xi = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    for t, s in [(999, 749), (749, 499), (499, 249)]:
+        abar_t, abar_s = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[s]
+        alpha_t, sigma_t, alpha_s, sigma_s = abar_t.sqrt(), (1 - abar_t).sqrt(), abar_s.sqrt(), (1 - abar_s).sqrt()
+        for eta in (0.3, 1.0):
+            expected = scheduler.step(eps, t, x, eta=eta, variance_noise=xi).prev_sample
+            x0 = (x - sigma_t * eps) / alpha_t
+            got = sampler.ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, torch.full((2,), eta), xi)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, s", [(0.75, 0.5), (0.9, 0.75), (0.5, 0.25), (0.25, 0.05)])
+def test_a_flow_matching_update_at_eta_one_is_the_gaussian_posterior(t, s):
+    """alpha = 1 - t, sigma = t: at eta = 1 the update is q(x_s | x_t, x0), mean and standard deviation, analytically."""
+    alpha_t, sigma_t, alpha_s, sigma_s = (torch.tensor(v, dtype=torch.float64) for v in (1 - t, t, 1 - s, s))
+    g = torch.Generator().manual_seed(4)
+    x0, noise, xi = (torch.randn(3, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    x_t = alpha_t * x0 + sigma_t * noise
+    eps = (x_t - alpha_t * x0) / sigma_t
+    # the posterior of x_s given x_t and x0, from x_t = (alpha_t / alpha_s) x_s + sigma_ts * n
+    a_ts = alpha_t / alpha_s
+    var_ts = sigma_t**2 - a_ts**2 * sigma_s**2
+    mean = (a_ts * sigma_s**2 / sigma_t**2) * x_t + (alpha_s * var_ts / sigma_t**2) * x0
+    std = torch.sqrt(var_ts * sigma_s**2 / sigma_t**2)
+    one = torch.ones(3, dtype=torch.float64)
+    deterministic = sampler.ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, one, None)
+    stochastic = sampler.ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, one, xi)
+    torch.testing.assert_close(deterministic, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((stochastic - deterministic) / xi, std.expand_as(xi), rtol=1e-9, atol=1e-12)
+    assert float(std) < s  # the predicted-noise term keeps a share: sqrt(s^2 - std^2) > 0
+
+
+def test_eta_outside_zero_one_and_updates_towards_noise_are_refused():
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        sampler.eta_matrix(1.2, 2, 4, "cpu")
+    with pytest.raises(ValueError, match="less noisy level"):
+        sampler.posterior_std(torch.tensor(0.9), torch.tensor(0.1), torch.tensor(0.5), torch.tensor(0.5))

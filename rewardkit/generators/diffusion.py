@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from rewardkit import sampler
 from rewardkit.distributed import full_tensor, lora_squared_norm
@@ -51,7 +51,7 @@ class DiffusionOptions(PluginOptions):
     width: PositiveInt | None = None
     num_steps: PositiveInt = 4
     """K, the number of sampler steps."""
-    eta: NonNegativeFloat = 0.0
+    eta: float = Field(default=0.0, ge=0, le=1)
     """Stochasticity used at inference (and in training unless a regularizer such as
     random_eta sets it): 0 is deterministic DDIM / Euler."""
     guidance_scale: float = 1.0
@@ -251,7 +251,8 @@ class DiffusionGenerator(Generator):
         with torch.no_grad():
             cond = self._encode(list(prompts), noise.device)
         return sampler.sample(
-            lambda x, k: self._predict(x, schedule, k, cond), noise, schedule["alpha"], schedule["sigma"], options.eta,
+            lambda x, k, rows: self._predict(x, schedule, k, cond if rows is None else _rows_of(cond, rows, len(prompts))),
+            noise, schedule["alpha"], schedule["sigma"], options.eta,
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory,
         )
@@ -344,3 +345,12 @@ class DiffusionGenerator(Generator):
     def export_scheduler(self):
         """The diffusers scheduler whose default `num_inference_steps = K` reproduces this sampler (rewardkit.export)."""
         raise NotImplementedError
+
+
+def _rows_of(cond, rows: torch.Tensor, batch: int):
+    """The text conditioning of some rows of the batch: a tensor or a tuple of tensors whose first dimension
+    is the batch, or twice the batch under classifier-free guidance ([unconditional; conditional])."""
+    if isinstance(cond, tuple):
+        return tuple(_rows_of(c, rows, batch) for c in cond)
+    rows = rows.to(cond.device)
+    return cond[rows] if len(cond) == batch else cond[torch.cat([rows, rows + batch])]

@@ -8,10 +8,10 @@ from the optimizer's data RNG, so runs are reproducible and resume exactly.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import NonNegativeFloat, model_validator
+from pydantic import Field, model_validator
 
 from rewardkit.generators.base import SampleOptions
 from rewardkit.options import PluginOptions
@@ -21,9 +21,10 @@ from rewardkit.regularizers.base import Regularizer
 class RandomEtaOptions(PluginOptions):
     distribution: Literal["uniform", "choice"] = "uniform"
     """'uniform': eta ~ U[low, high]; 'choice': eta picked uniformly from `values`."""
-    low: NonNegativeFloat = 0.0
-    high: NonNegativeFloat = 1.0
-    values: list[NonNegativeFloat] = [0.0, 1.0]
+    low: float = Field(default=0.0, ge=0, le=1)
+    high: float = Field(default=1.0, ge=0, le=1)
+    """eta is in [0, 1]: 0 deterministic, 1 the Gaussian posterior's noise (rewardkit.sampler)."""
+    values: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 1.0]
     """The candidates of distribution = 'choice'."""
     per_step: bool = True
     """One eta per sample and step (True), or one per sample for all its steps."""
