@@ -92,7 +92,7 @@ class Optimizer:
         self.optim = _section(OptimizerSection, optimizer, "optimizer")
         self.run_dir = Path(self.run.dir or "runs/rewardkit")
         self.evaluation = evaluation
-        self.eval_rewards = _built(_labelled(evaluation.rewards, "eval.rewards")) if evaluation else {}
+        self.eval_rewards = _built(_labelled(evaluation.rewards, "eval.rewards"), self.rewards.values()) if evaluation else {}
         if not self.rewards:
             raise UserError("rewards: at least one reward is needed")
         for label, reward in self.rewards.items():
@@ -495,9 +495,11 @@ def _labelled(items, what: str) -> dict:
     return out
 
 
-def _built(plugins: dict) -> dict:
-    """Plugins by label, a loaded Recipe's specs built (Evaluation.rewards holds either)."""
-    return {label: p.build() if isinstance(p, PluginSpec) else p for label, p in plugins.items()}
+def _built(plugins: dict, training_rewards) -> dict:
+    """Plugins by label, a loaded Recipe's specs built (Evaluation.rewards holds either). A spec equal to a
+    training reward (same class and options) reuses that reward: one copy of each model in memory."""
+    same = {(type(r), r.options): r for r in training_rewards}
+    return {label: same.get((p.cls, p.options)) or p.build() if isinstance(p, PluginSpec) else p for label, p in plugins.items()}
 
 
 def _section(model, value, where: str):

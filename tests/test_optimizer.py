@@ -218,3 +218,23 @@ def test_a_generator_that_does_not_say_its_steps_is_checked_at_training_time(tmp
     opt = Optimizer(Undeclared(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run={"steps": 1, "dir": str(tmp_path / "u"), "trackers": []})
     with pytest.raises(UserError, match="does not say its number of steps"):
         opt.fit()  # the runtime check, as before
+
+
+def test_an_eval_reward_equal_to_a_training_reward_is_the_same_model(tmp_path):
+    """[eval.rewards.hps] next to [rewards.hps] must not load HPS twice."""
+    recipe = pixels_recipe(tmp_path / "r", steps=1, rewards={"color": {"target": [1.0, 0.0, 0.0]}})
+    recipe["eval"] = {"prompts": ["a red square"], "rewards": {"same": {"type": "color", "target": [1.0, 0.0, 0.0]},
+                                                                "other": {"type": "color", "target": [0.0, 1.0, 0.0]}}}
+    opt = Optimizer.from_recipe(recipe)
+    assert opt.eval_rewards["same"] is opt.rewards["color"]
+    assert opt.eval_rewards["other"] is not opt.rewards["color"]
+
+
+def test_normalized_gradients_sum_or_average_over_rewards():
+    g = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    grads = {"a": g, "b": 1000 * g.flip(0), "c": 1e-3 * torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))}
+    for combine, share in (("sum", 1.0), ("mean", 1 / 3)):
+        out = NormalizeGradients(combine=combine).transform_gradients(grads)
+        for label, t in out.items():  # each reward's per-sample gradient norm: 1, or 1 / (number of rewards)
+            torch.testing.assert_close(t.flatten(1).norm(dim=1), torch.full((3,), share), rtol=1e-5, atol=0)
+            torch.testing.assert_close(t / t.flatten(1).norm(dim=1).view(-1, 1, 1, 1), grads[label] / grads[label].flatten(1).norm(dim=1).view(-1, 1, 1, 1))

@@ -29,7 +29,7 @@ METHODS = {
     "reno_sd_turbo": "sd",
 }
 PAPER_REWARDS = {"hps", "imagereward", "clip_score"}
-CHEAP = {"hps": "color", "imagereward": "smoothness", "clip_score": "color"}
+CHEAP = {"hps": "color", "imagereward": "smoothness", "clip_score": "color", "laion_aesthetic": "smoothness"}
 
 
 def _load(path, overrides=()):
@@ -95,6 +95,7 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, reques
         "run.sample_every=0", "run.checkpoint_every=0", "optimizer.warmup_steps=0",
     ]
     overrides += [f"rewards.{s.label}.type='{CHEAP[s.cls.name]}'" for s in base.rewards if s.cls.name in CHEAP]
+    overrides += [f"eval.rewards.{s.label}.type='{CHEAP[s.cls.name]}'" for s in base.evaluation.rewards if s.cls.name in CHEAP]
     if any(s.cls.name == "high_resolution" for s in base.rewards):
         overrides.append(f"rewards.high_resolution.weights='{request.getfixturevalue('hires_classifier')[0]}'")
     if base.generator.options.num_steps > 4:
@@ -102,6 +103,20 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, reques
     recipe = _load(path, overrides)
     result = Optimizer.from_recipe(recipe).fit()
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [h for h in history if "loss" not in h]  # the [eval] line before the first step
+    history = [h for h in history if "loss" in h]
+    assert [h["step"] for h in evaluated] == [0] and {"eval/hps", "eval/aesthetic"} <= set(evaluated[0])
+    assert {"eval/hps", "eval/aesthetic"} <= set(history[-1])  # and after the last
     assert result.step == 2 and len(history) == 2
     assert not any(h["skipped"] for h in history)
     assert result.checkpoint is not None and (result.checkpoint / "state.json").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_recipes_evaluate_the_papers_metrics_on_held_out_prompts(name):
+    recipe = _load(REPO / "recipes" / f"{name}.toml")
+    ev = recipe.evaluation
+    assert ev is not None and {s.cls.name for s in ev.rewards} == PAPER_REWARDS | {"laion_aesthetic"}
+    assert ev.prompts and not set(ev.prompts) & set(recipe.prompts), "held out: no training prompt among them"
+    if METHODS[name] == "sd3":
+        assert recipe.generator.options.text_encoder_3, "SD3 recipes keep T5, as the paper's SD3 does"
