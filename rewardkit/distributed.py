@@ -211,6 +211,18 @@ def lora_squared_norm(A, B, scale: float):
     return value + surrogate - surrogate.detach()
 
 
+def agree_max(t):
+    """The elementwise maximum of an integer tensor over all processes (a collective), so that every process
+    takes the same branch; the tensor itself in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def reshard(model) -> None:
     """FSDP leaves parameters gathered after a forward without gradient (the root's always): shard them
     again, so the optimizer and the checkpoint see the shards they hold. A no-op for unsharded models."""

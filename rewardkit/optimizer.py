@@ -497,9 +497,18 @@ def _labelled(items, what: str) -> dict:
 
 def _built(plugins: dict, training_rewards) -> dict:
     """Plugins by label, a loaded Recipe's specs built (Evaluation.rewards holds either). A spec equal to a
-    training reward (same class and options) reuses that reward: one copy of each model in memory."""
-    same = {(type(r), r.options): r for r in training_rewards}
-    return {label: same.get((p.cls, p.options)) or p.build() if isinstance(p, PluginSpec) else p for label, p in plugins.items()}
+    training reward (same class, same options but the weight, which evaluation does not use) reuses that
+    reward: one copy of each model in memory."""
+    def scoring(options) -> dict:
+        return options.model_dump(exclude={"weight"})
+
+    out = {}
+    for label, p in plugins.items():
+        if isinstance(p, PluginSpec):
+            same = [r for r in training_rewards if type(r) is p.cls and scoring(r.options) == scoring(p.options)]
+            p = same[0] if same else p.build()
+        out[label] = p
+    return out
 
 
 def _section(model, value, where: str):

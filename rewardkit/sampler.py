@@ -47,7 +47,7 @@ def eta_matrix(eta: float | torch.Tensor, batch: int, steps: int, device) -> tor
         e = e[:, None].expand(batch, steps)
     elif e.dim() != 2 or e.shape != (batch, steps):
         raise ValueError(f"eta must be a float, a ({batch},) or a ({batch}, {steps}) tensor; got shape {tuple(e.shape)}")
-    if bool(((e < 0) | (e > 1)).any()):
+    if not bool(((e >= 0) & (e <= 1)).all()):  # NaN fails too
         raise ValueError(f"eta must be in [0, 1] (0: deterministic, 1: the posterior's noise); got values in [{float(e.min())}, {float(e.max())}]")
     return e
 
@@ -71,7 +71,7 @@ def step_noise(noise: torch.Tensor, steps: int) -> torch.Tensor:
 def posterior_std(alpha_t, sigma_t, alpha_s, sigma_s):
     """The standard deviation of q(x_s | x_t, x0) for x = alpha x0 + sigma eps, s less noisy than t."""
     r = (alpha_t * sigma_s) / (alpha_s * sigma_t)  # the signal-to-noise ratio of t over that of s: below 1
-    if bool(r > 1 + 1e-6):
+    if bool((r > 1 + 1e-6).any()):
         raise ValueError(f"an update must go to a less noisy level: alpha/sigma {float(alpha_s / sigma_s):.4g} at s is below {float(alpha_t / sigma_t):.4g} at t")
     return sigma_s * torch.sqrt(torch.clamp(1 - r**2, min=0.0))  # clamp: rounding only
 
@@ -96,6 +96,7 @@ def sample(
     grad_steps: int | None = None,
     grad_to_noise: bool = False,
     trajectory: list | None = None,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the K = len(alpha) steps from `noise`; the returned clean prediction, with gradient where asked.
 
@@ -105,11 +106,23 @@ def sample(
     1 when a step is supervised: R0+ runs the earlier steps without gradient).
     `grad_to_noise`: the noise itself is being optimized, so the gradient
     must reach it through every step (grad_steps then defaults to all).
-    If `trajectory` is a list, the x_t entering each step is appended to it.
+    If `trajectory` is a list, the x_t entering each step is appended to it
+    (for rows past their returned step, what it holds there is meaningless).
 
     Each step runs the model with gradient only for the rows that need it and
     not at all for rows already past their returned step, so R0+'s per-sample
     supervised steps cost what their steps imply, not a full backward pass.
+
+    `agree(t)`, the elementwise maximum of an integer tensor over processes, is
+    for sharded models (FSDP), whose every forward and backward is a
+    collective: every process must then make the same calls. With it, each
+    step is one call for the process's whole shard, as many steps and the
+    same gradient mode at each step on every process (the union of what their
+    rows need), at the memory cost of the rows that did not need gradient (for
+    R0+ with a step per sample and a global batch of K or more, about the
+    whole chain's activations: gradient checkpointing limits that);
+    each call with gradient is tied to the output by a zero, so that its
+    backward runs on every process too.
     """
     K = len(alpha)
     B, device = noise.shape[0], noise.device
@@ -123,11 +136,16 @@ def sample(
     span = grad_steps if grad_steps is not None else (1 if supervise_step is not None and not grad_to_noise else K)
     first = (end - span + 1).clamp(min=0)
     last = int(end.max())
+    if agree is not None:
+        steps = torch.arange(K, device=device)
+        needs = ((first[:, None] <= steps) & (steps <= end[:, None])).any(0)  # (K,): some row of this shard needs gradient
+        agreed = agree(torch.cat([end.max().view(1), needs.long()]))
+        last, needs = int(agreed[0]), agreed[1:] > 0
     xi = step_noise(noise, K - 1) if K > 1 and bool((eta[:, : K - 1] > 0).any()) else None
     view = (B,) + (1,) * (noise.dim() - 1)
 
     want_grad = torch.is_grad_enabled()
-    x, out = noise.float(), None
+    x, out, tie = noise.float(), None, None
     for k in range(last + 1):
         # Cut the graph in front of each sample's first step with gradient (not in front of
         # step 0: there x is the input noise, which only has a graph when it is optimized).
@@ -135,12 +153,18 @@ def sample(
             x = torch.where((first == k).view(view), x.detach(), x)
         if trajectory is not None:
             trajectory.append(x.detach())
-        active = k <= end
-        x0, eps = _predict_rows(predict, x, k, active & (first <= k) if want_grad else torch.zeros_like(active), active)
+        if agree is not None:
+            with torch.set_grad_enabled(want_grad and bool(needs[k])):
+                x0, eps = predict(x, k, None)
+                if x0.requires_grad:  # tie the call to the output, so its backward (a collective too) runs everywhere
+                    tie = x0.sum() * 0.0 if tie is None else tie + x0.sum() * 0.0
+        else:
+            active = k <= end
+            x0, eps = _predict_rows(predict, x, k, active & (first <= k) if want_grad else torch.zeros_like(active), active)
         out = x0 if out is None else torch.where((end == k).view(view), x0, out)
         if k < last:
             x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
-    return out
+    return out if tie is None else out + tie
 
 
 def _predict_rows(predict: Predict, x: torch.Tensor, k: int, with_grad: torch.Tensor, active: torch.Tensor):

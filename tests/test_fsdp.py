@@ -134,3 +134,20 @@ def test_a_noise_run_under_fsdp_writes_the_images_of_one_process(tmp_path, write
         a = np.asarray(Image.open(single / name), dtype=np.int16)
         b = np.asarray(Image.open(sharded / name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1, name
+
+
+def test_r0plus_with_a_step_per_sample_under_fsdp_equals_one_process(tmp_path, write_recipe):
+    """Each process's rows supervise other steps, yet every process must make the same (collective) network
+    calls: the sampler agrees on the steps and the gradient mode of each, and the run is the 1-process run."""
+    def recipe(run_dir: Path) -> dict:
+        r = lora_recipe(run_dir, 2)
+        r["generator"]["num_steps"] = 4
+        r["regularizers"]["intermediate_step"] = {"per_sample": True}
+        return r
+
+    Optimizer.from_recipe(recipe(tmp_path / "single")).fit()
+    proc = run_fsdp(write_recipe(recipe(tmp_path / "run")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
+    for k in single:
+        assert_adam_runs_agree(sharded[k], single[k], recipe(tmp_path)["optimizer"]["lr"], 2)

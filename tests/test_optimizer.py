@@ -238,3 +238,25 @@ def test_normalized_gradients_sum_or_average_over_rewards():
         for label, t in out.items():  # each reward's per-sample gradient norm: 1, or 1 / (number of rewards)
             torch.testing.assert_close(t.flatten(1).norm(dim=1), torch.full((3,), share), rtol=1e-5, atol=0)
             torch.testing.assert_close(t / t.flatten(1).norm(dim=1).view(-1, 1, 1, 1), grads[label] / grads[label].flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+
+
+def test_eval_rewards_reuse_training_rewards_whatever_their_options_hold(tmp_path):
+    """Options that are dicts (pyiqa's metric_options) cannot be hashed; the weight does not count."""
+    from pydantic import Field
+
+    from rewardkit.plugins import PluginInfo
+    from rewardkit.rewards.smoothness import SmoothnessOptions
+
+    class DictOptions(SmoothnessOptions):
+        settings: dict = Field(default_factory=dict)
+
+    class DictReward(Smoothness):
+        name = "dict_reward"
+        Options = DictOptions
+
+    registry = load_registry()
+    registry.plugins["reward"]["dict_reward"] = PluginInfo("reward", "dict_reward", DictReward, "test", "0")
+    recipe = pixels_recipe(tmp_path / "r", steps=1, rewards={"dict_reward": {"settings": {"a": 1}, "weight": 2.0}})
+    recipe["eval"] = {"prompts": ["a red square"], "rewards": {"held_out": {"type": "dict_reward", "settings": {"a": 1}}}}
+    opt = Optimizer.from_recipe(load_recipe(recipe, registry=registry))
+    assert opt.eval_rewards["held_out"] is opt.rewards["dict_reward"]

@@ -415,3 +415,17 @@ def test_sampling_is_deterministic_in_every_mode(models, family):
         a = gen(["a cat", "a dog"], noise, gen.sample_options())
         b = gen(["a cat", "a dog"], noise, gen.sample_options())
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_rows_run_apart_see_their_own_prompts_under_guidance(models, family):
+    """Steps that run some rows of the batch apart give each row what a batch of its own gives (guidance on)."""
+    cls, model = models[family]
+    gen = build(cls, model, num_steps=3, guidance_scale=2.0, eta=0.5)
+    prompts = ["a red cat", "a photo of a dog", "a blue car"]
+    noise = noise_for(gen, 3)
+    steps = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        together = gen(prompts, noise, SampleOptions(num_steps=3, supervise_step=steps))
+        alone = [gen([p], noise[i : i + 1], SampleOptions(num_steps=3, supervise_step=int(steps[i]))) for i, p in enumerate(prompts)]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)

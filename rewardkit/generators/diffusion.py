@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from rewardkit import sampler
-from rewardkit.distributed import full_tensor, lora_squared_norm
+from rewardkit.distributed import agree_max, full_tensor, is_sharded, lora_squared_norm
 from rewardkit.errors import UserError
 from rewardkit.generators.base import Generator, SampleOptions
 from rewardkit.generators.noise_table import NoiseSlots, initial_noise
@@ -255,6 +255,8 @@ class DiffusionGenerator(Generator):
             noise, schedule["alpha"], schedule["sigma"], options.eta,
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory,
+            # sharded (FSDP): every network call is a collective, so all processes make the same calls
+            agree=agree_max if any(is_sharded(p) for p in self.parameters()) else None,
         )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
