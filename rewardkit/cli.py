@@ -221,7 +221,8 @@ def cmd_plugins(args) -> int:
 
     registry = load_registry(args.plugin)
     rows = [{"kind": i.kind, "name": i.name, "package": i.package, "version": i.version} for i in registry.all()]
-    rows += [{"kind": "command", "name": c.name, "package": c.package, "version": c.version} for c in sorted(registry.commands.values(), key=lambda c: c.name)]
+    commands = sorted(registry.commands.values(), key=lambda c: c.name)
+    rows += [{"kind": "command", "name": c.name, "package": c.package, "version": c.version} for c in commands]
     failed = [{"plugin": f.plugin, "package": f.package, "error": f.error} for f in registry.failures]
     if args.json:
         print(json.dumps({"plugins": rows, "failed": failed}, indent=2))
@@ -230,7 +231,7 @@ def cmd_plugins(args) -> int:
         print("| kind | name | what it is | module |\n|---|---|---|---|")
         for i in registry.all():
             print(f"| {i.kind} | `{i.name}` | {i.summary.replace('|', '&#124;')} | `{i.cls.__module__}` |")
-        for c in sorted(registry.commands.values(), key=lambda c: c.name):
+        for c in commands:
             print(f"| command | `rewardkit {c.name}` | {c.help} | `{c.run.__module__}` |")
         return EXIT_OK
     widths = {k: max([len(k)] + [len(r[k]) for r in rows]) for k in ("kind", "name", "package", "version")}

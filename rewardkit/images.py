@@ -1,8 +1,9 @@
 """Images from a generator, outside training: the same generator call as in training, under no_grad.
 
-The optimizer's sample grids, `rewardkit sample`, `rewardkit eval` and the
-testbed's report all go through `generate`, so training and inference cannot
-drift apart. This module knows nothing else of rewardkit: it calls the
+The optimizer's sample grids and evaluations, `rewardkit sample` and
+`rewardkit eval` all go through `generate`, so training and inference cannot
+drift apart (the testbed's report times its own batches, through the same
+generator call). This module knows nothing else of rewardkit: it calls the
 generator protocol (`noise_shape`, `sample_options`, `forward`) duck-typed.
 """
 

@@ -176,3 +176,11 @@ def test_a_local_plugin_file_adds_a_command_and_cannot_replace_a_core_one(tmp_pa
     listing = json.loads(run_cli("plugins", "--json", "--plugin", str(local)).stdout)
     assert [f["plugin"] for f in listing["failed"]] == ["run"] and "rewardkit's own commands" in listing["failed"][0]["error"]
     assert not [p for p in listing["plugins"] if p["kind"] == "command" and p["name"] == "run"]
+
+
+def test_the_names_plugins_cannot_take_are_the_cli_s_own_commands():
+    """plugins.CORE_COMMANDS (below the CLI, which it cannot import) lists exactly cli.COMMANDS."""
+    from rewardkit.cli import COMMANDS
+    from rewardkit.plugins import CORE_COMMANDS
+
+    assert sorted(CORE_COMMANDS) == sorted(COMMANDS)
