@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-MODES = ("all", "last", "intermediate")
+MODES = ("all", "last", "intermediate", "deep")
 
 
 class SavedBytes:
@@ -74,7 +74,8 @@ def bench_one(cls, model, *, training, mode, checkpointing, size, steps, batch, 
               height=size, width=size, grad_steps=1 if mode == "last" else None)
     gen.setup(["a"], 0)
     gen.to(device)
-    l2, reward, picker = WeightL2(weight=1.0), Color().to(device), IntermediateStep()
+    l2, reward = WeightL2(weight=1.0), Color().to(device)
+    picker = IntermediateStep(supervision="every_step" if mode == "deep" else "random_step")
     l2.setup(gen)
     params = gen.trainable_parameters()
     opt = torch.optim.Adam(params, lr=1e-5)
@@ -87,14 +88,14 @@ def bench_one(cls, model, *, training, mode, checkpointing, size, steps, batch, 
     for i in range(repeat + 1):
         noise = torch.randn((batch, *gen.noise_shape()), generator=rng).to(device)
         options = gen.sample_options()
-        if mode == "intermediate":
+        if mode in ("intermediate", "deep"):
             options = picker.adjust_sampling(options, batch, rng)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t, c = time.perf_counter(), time.process_time()
         with SavedBytes(params) as saved:
             images = gen(prompts, noise, options)
-            loss = -reward(images, prompts).mean() + l2.penalty(gen)
+            loss = -reward(images, prompts * (len(images) // batch)).mean() + l2.penalty(gen)  # deep: every step's images
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -157,7 +158,7 @@ def main(argv=None):
                 for checkpointing in (False, True):
                     r = bench_one(cls, model, training=training, mode=mode, checkpointing=checkpointing, size=args.size,
                                   steps=args.steps, batch=args.batch, repeat=args.repeat, device=device)
-                    label = {"all": f"all {args.steps} steps", "last": "last step", "intermediate": "random step (R0+)"}[mode]
+                    label = {"all": f"all {args.steps} steps", "last": "last step", "intermediate": "random step (R0+)", "deep": "every step's x0 (R0+, deep)"}[mode]
                     line = (f"| {family} | {training} | {label} | {'on' if checkpointing else 'off'} | {r['cpu_ms']:.0f} | {r['time_ms']:.0f} | "
                             f"{r['activations_mb']:.2f} | {r['train_state_mb']:.2f} |")
                     print(line + (f" {r['cuda_peak_mb']:.0f} |" if cuda else ""), flush=True)

@@ -12,16 +12,21 @@ mean over seeds, with the sample standard deviation after +-. Runs are
 independent and spread over `--jobs` processes of one thread each.
 
 (a) R0 at 4 steps vs the teacher at 25 steps with CFG: quality and speed.
-(b) Without weight L2 and random eta (and at a higher learning rate, where
-    hacking shows within the budget): does the trained reward rise while
-    evaluator accuracy falls and the Frechet distance grows?
+(b) Each regularizer (weight L2, random eta, gradient normalization) removed
+    on its own at the same learning rate, with the classifier reward capped
+    (as shipped) and uncapped: does the trained reward rise while the
+    evaluator's metrics fall?
 (c) Normalized vs raw gradients, with two rewards.
-(d) One, two and three rewards.
-(e) R0 vs R0+ (intermediate supervision): evaluator accuracy per iteration.
+(d) One, two and three rewards: as shipped, and in the paper's Fig. 10
+    setting (no random eta, small weight L2).
+(e) R0 vs R0+ in both readings (every step supervised, the gradient through
+    the chain; one random step): evaluator metrics per iteration.
 (f) Baselines at R0's training wall time, from the same plugins: DRaFT-K
     (reward backprop through the last step of a 25-step CFG sampler) and
     ReNO (generator.training = "noise": the evaluation images' own noise
     optimized through the frozen 4-step teacher, with noise_norm).
+(g) The base model's classifier-free guidance as an implicit reward, added to
+    R0 and R0+.
 """
 
 from __future__ import annotations
@@ -55,25 +60,44 @@ def base_recipe(seed: int, steps: int, batch: int, run_dir: Path, eval_every: in
     return r
 
 
+PAPER_LAMBDA = 30.0  # (d) in the paper's Fig. 10 setting: no random eta and "small" weight L2 (a tenth of the quick start's)
+
+
 def variant(r: dict, name: str) -> dict:
+    """The quick start changed as a claim needs; names compose with '+' (e.g. 'no_l2+nocap')."""
     r = copy.deepcopy(r)
+    for part in name.split("+"):
+        _change(r, part)
+    return r
+
+
+def _change(r: dict, name: str) -> None:
     regs, rewards = r["regularizers"], r["rewards"]
     if name == "r0":
         pass
-    elif name == "no_reg":  # (b): R0 without weight L2 and random eta, at 5x the learning rate
-        regs.pop("weight_l2"), regs.pop("random_eta")
-        r["optimizer"]["lr"] *= 5
-    elif name == "r0_lr5":  # (b)'s control: full R0 at the same 5x learning rate
-        r["optimizer"]["lr"] *= 5
-    elif name == "raw":  # (c)
+    elif name == "nocap":  # (b): the classifier's log p uncapped, so hacking is not hidden by the cap
+        rewards["digit_classifier"].pop("confidence")
+    elif name == "no_l2":  # (b): each regularizer removed on its own, at the same learning rate
+        regs.pop("weight_l2")
+    elif name == "no_eta":
+        regs.pop("random_eta")
+    elif name == "raw":  # (b), (c)
         regs.pop("normalize_gradients")
+    elif name == "paper_d":  # (d) as in the paper's Fig. 10: no random eta, small weight L2
+        regs.pop("random_eta")
+        regs["weight_l2"]["weight"] = PAPER_LAMBDA
     elif name == "one_reward":  # (d)
         rewards.pop("digit_prototype")
     elif name == "three_rewards":  # (d)
         rewards["digit_realism"] = {"weight": 1.0}
-    elif name == "r0plus":  # (e)
-        regs["intermediate_step"] = {"per_sample": True}
+    elif name in ("r0plus", "r0plus_mean", "r0plus_random"):  # (e): the two readings of R0+ (and deep supervision's weights)
+        regs["intermediate_step"] = (
+            {"supervision": "random_step", "per_sample": True} if name == "r0plus_random"
+            else {"supervision": "every_step", **({"step_weights": [0.25] * 4} if name == "r0plus_mean" else {})}
+        )
         regs["normalize_gradients"] = regs.pop("normalize_gradients")  # keep it last
+    elif name in ("cfg", "cfg03"):  # (g): the base model's guidance as an implicit reward
+        rewards["classifier_free_guidance"] = {"weight": 1.0 if name == "cfg" else 0.3}
     elif name == "draft":  # (f): DRaFT-K, K = 1, through a 25-step CFG sampler, no R0 regularizers
         r["regularizers"] = {}
         r["generator"].update(num_steps=25, guidance_scale=2.0, grad_steps=1)
@@ -83,7 +107,6 @@ def variant(r: dict, name: str) -> dict:
         r["optimizer"] = {"name": "adam", "lr": 0.05}
     else:
         raise ValueError(name)
-    return r
 
 
 def train_and_evaluate(recipe: dict, ref, per_digit: int, eval_seed: int, every_checkpoint: bool) -> list[dict]:
@@ -141,14 +164,16 @@ def reno_and_evaluate(recipe: dict, ref, per_digit: int) -> list[dict]:
 
 
 def recipe_for(name: str, seed: int, steps: int, args, root: Path) -> dict:
-    curve = name in ("r0", "r0plus")
-    r = variant(base_recipe(seed, steps, args.batch, root / f"{name}_{seed}_{steps}", args.eval_every if curve else steps), name)
+    curve = name in CURVES
+    r = variant(base_recipe(seed, steps, args.batch, root / f"{name.replace('+', '-')}_{seed}_{steps}", args.eval_every if curve else steps), name)
     if name == "reno":
         from rewardkit.testbed import data
 
         r["prompts"] = {"train": [data.prompt(d) for d in range(10) for _ in range(args.per_digit)]}
     return r
 
+
+CURVES = ("r0", "r0plus", "r0plus_random")  # evaluated at every checkpoint: (e)'s convergence
 
 # ------------------------------------------------------------------------------ jobs
 _REFERENCE = None
@@ -171,7 +196,7 @@ def job(task: dict):
     if name == "reno":
         return reno_and_evaluate(recipe, _REFERENCE, args.per_digit)
     per_digit = 1 if task.get("probe") else args.per_digit
-    return train_and_evaluate(recipe, _REFERENCE, per_digit, EVAL_SEED + seed, name in ("r0", "r0plus") and not task.get("probe"))
+    return train_and_evaluate(recipe, _REFERENCE, per_digit, EVAL_SEED + seed, name in CURVES and not task.get("probe"))
 
 
 def run_jobs(pool, tasks: list[dict], log, save=None) -> list:
@@ -224,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
-    p.add_argument("--only", nargs="*", default=None, help="subset of: a b c d e f")
+    p.add_argument("--only", nargs="*", default=None, help="subset of: a b c d e f g")
     args = p.parse_args(argv)
     import logging
     import multiprocessing
@@ -233,7 +258,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from rewardkit.testbed.evaluate import Reference
 
-    claims = set(args.only or "abcdef")
+    claims = set(args.only or "abcdefg")
     root = Path(tempfile.mkdtemp(prefix="rk-claims-"))
     raw: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t_start = time.perf_counter()
@@ -245,10 +270,11 @@ def main(argv=None) -> int:
         return [{"args": args, "name": name, "seed": s, "steps": args.steps, "root": str(root), **extra} for s in args.seeds]
 
     names = ["r0"]
-    names += ["r0plus"] if "e" in claims else []
-    names += ["no_reg", "r0_lr5"] if "b" in claims else []
-    names += ["raw"] if "c" in claims else []
-    names += ["one_reward", "three_rewards"] if "d" in claims else []
+    names += ["r0plus", "r0plus_random", "r0plus_mean"] if "e" in claims else []
+    names += ["nocap", "no_l2", "no_l2+nocap", "no_eta", "no_eta+nocap", "raw+nocap"] if "b" in claims else []
+    names += ["raw"] if "b" in claims or "c" in claims else []
+    names += ["one_reward", "three_rewards", "paper_d+one_reward", "paper_d", "paper_d+three_rewards"] if "d" in claims else []
+    names += ["cfg03", "cfg", "r0plus+cfg03"] + ([] if "e" in claims else ["r0plus"]) if "g" in claims else []
     teachers = {"teacher, 25 steps, CFG 2": "teacher:25:2.0", "teacher, 4 steps, untrained": "teacher:4:1.0"}
     runs: dict[str, list] = {}
     done: list = []
@@ -287,11 +313,14 @@ def main(argv=None) -> int:
         speed = statistics.fmean(r["ms_per_image"] for r in teachers["teacher, 25 steps, CFG 2"]) / statistics.fmean(r["ms_per_image"] for r in final["r0"])
         sections.append(("(a) R0 at 4 steps vs the teacher at 25 steps with CFG", table(head, rows) + f"\n\nSpeed-up of R0 over the teacher with CFG: {speed:.1f}x per image."))
     if "b" in claims:
-        h = ["run", "trained reward (classifier, last 10 steps)", "evaluator accuracy", "Frechet distance", "diversity"]
+        h = ["removed (same learning rate)", "classifier", "trained reward (classifier log p, last 10 steps)", "evaluator accuracy", "Frechet distance", "diversity"]
         rows = []
-        for k, label in (("r0", "R0"), ("r0_lr5", "R0, 5x learning rate"), ("no_reg", "no weight L2, no random eta, 5x learning rate")):
-            rows.append([label, ms([r["train_digit_classifier"] for r in final[k]])] + [ms([r[m] for r in final[k]]) for m in ("accuracy", "frechet", "diversity")])
-        sections.append(("(b) Reward hacking without weight regularization and random eta", table(h, rows)))
+        for cap in ("", "+nocap"):
+            for k, label in (("r0", "nothing (R0)"), ("no_l2", "weight L2"), ("no_eta", "random eta"), ("raw", "gradient normalization")):
+                key = (k + cap) if k != "r0" else ("nocap" if cap else "r0")
+                rows.append([label, "capped at p = 0.9" if not cap else "uncapped", ms([r["train_digit_classifier"] for r in final[key]])]
+                            + [ms([r[m] for r in final[key]]) for m in ("accuracy", "frechet", "diversity")])
+        sections.append(("(b) Reward hacking: each regularizer removed on its own, with and without the reward cap", table(h, rows)))
     if "c" in claims:
         h = ["gradients", "evaluator accuracy", "Frechet distance", "diversity", "classifier reward", "prototype reward"]
         rows = [[label] + [ms([r[m] for r in final[k]]) for m in ("accuracy", "frechet", "diversity", "train_digit_classifier", "train_digit_prototype")]
@@ -299,16 +328,25 @@ def main(argv=None) -> int:
         sections.append(("(c) Normalized vs raw gradients, two rewards", table(h, rows)))
     if "d" in claims:
         rows = [metric_row(label, final[k]) for k, label in (("one_reward", "1: classifier"), ("r0", "2: + prototype"), ("three_rewards", "3: + realism"))]
-        sections.append(("(d) One, two and three rewards", table(head, rows)))
+        rows += [metric_row(f"{label}, paper's setting", final[k]) for k, label in (
+            ("paper_d+one_reward", "1: classifier"), ("paper_d", "2: + prototype"), ("paper_d+three_rewards", "3: + realism"))]
+        sections.append(("(d) One, two and three rewards: as shipped, and in the paper's setting "
+                         f"(no random eta, weight L2 lambda = {PAPER_LAMBDA:g} instead of 300)", table(head, rows)))
     if "e" in claims:
         steps_e = [r["step"] for r in runs["r0"][0]]
         h = ["iteration"] + [str(s) for s in steps_e]
         rows = []
-        for k, label in (("r0", "R0"), ("r0plus", "R0+ (intermediate step)")):
-            rows.append([f"{label}: accuracy"] + [ms([run[i]["accuracy"] for run in runs[k]]) for i in range(len(steps_e))])
-            rows.append([f"{label}: Frechet"] + [ms([run[i]["frechet"] for run in runs[k]]) for i in range(len(steps_e))])
-            rows.append([f"{label}: train seconds"] + [ms([run[i]["train_seconds"] for run in runs[k]]) for i in range(len(steps_e))])
-        sections.append(("(e) R0 vs R0+ convergence (evaluator, per training iteration)", table(h, rows)))
+        for k, label in (("r0", "R0"), ("r0plus", "R0+, every step (deep supervision)"), ("r0plus_random", "R0+, a random step")):
+            for m, name in (("accuracy", "accuracy"), ("frechet", "Frechet"), ("diversity", "diversity"), ("train_seconds", "train seconds")):
+                rows.append([f"{label}: {name}"] + [ms([run[i][m] for run in runs[k]]) for i in range(len(steps_e))])
+        weights = [metric_row(label, final[k]) for k, label in (("r0plus", "every step, weight 1 each (default)"), ("r0plus_mean", "every step, weight 1/4 each"))]
+        sections.append(("(e) R0 vs R0+'s two readings, convergence (evaluator, per training iteration)",
+                         table(h, rows) + "\n\nDeep supervision's step weights, at the last iteration:\n\n" + table(head, weights)))
+    if "g" in claims:
+        rows = [metric_row(label, final[k]) for k, label in (
+            ("r0", "R0"), ("cfg03", "R0 + guidance reward, weight 0.3"), ("cfg", "R0 + guidance reward, weight 1"),
+            ("r0plus", "R0+ (every step)"), ("r0plus+cfg03", "R0+ (every step) + guidance reward, weight 0.3"))]
+        sections.append(("(g) Classifier-free guidance as an implicit reward (`classifier_free_guidance`, levels U[0.02, 0.98])", table(head, rows)))
     if "f" in claims:
         rows = [metric_row(label, final[k]) for k, label in (("r0", "R0 (4 steps)"), ("draft", "DRaFT-K, K=1 (25 steps + CFG)"), ("reno", "ReNO, noise optimization (4 steps, frozen)"))]
         steps = {k: [r["step"] for r in final[k]] for k in ("draft", "reno")}

@@ -3,8 +3,10 @@
 `fit` is setup, a loop of `record = self._step(step)`, and finish. One step,
 read top to bottom in `_step`:
   1. draw prompts and noise; let regularizers adjust the sampling options;
-  2. generate with gradient: images x;
-  3. for each reward i: r_i(x) and g_i = d r_i / d x;
+  2. generate with gradient: images x (under R0+'s deep supervision, one
+     per supervised step and sample);
+  3. for each reward i: r_i(x) and g_i = d r_i / d x (a gradient-only reward,
+     such as classifier-free guidance, gives g_i alone);
   4. let regularizers transform the g_i (e.g. per-sample normalization) and
      form the rewards' loss (`_reward_loss`: pathwise, -<stopgrad(sum w_i g_i), x> / B);
   5. add regularizer penalties, backward, optimizer step (`_apply_update`);
@@ -169,27 +171,27 @@ class Optimizer:
             options = reg.adjust_sampling(options, len(prompts), self.data_rng)
         prompts, noise, options = self._shard(prompts, noise, options)
 
-        # 2. generate with gradient
+        # 2. generate with gradient (deep supervision: every supervised step's images, step-major)
         t_gen = time.perf_counter()
         with acc.autocast():
             images = self.model(prompts, noise, options).float()
         t1 = time.perf_counter()
+        image_prompts, image_weights = self._image_rows(images, prompts, options)
 
         # 3. each reward's score and image gradient, on a detached copy of x
-        x = images.detach().requires_grad_(True)
         scores, grads = {}, {}
         for label, reward in self.rewards.items():
             with acc.autocast():
-                s = reward(x, prompts).float()
-            (grads[label],) = torch.autograd.grad(s.sum(), x)
-            scores[label] = s.detach()
+                s, grads[label] = reward.score_and_gradient(images.detach(), image_prompts)
+            if s is not None:  # gradient-only rewards have no score
+                scores[label] = s.float()
         raw_norms = {label: acc.reduce(g.flatten(1).norm(dim=1).mean(), "mean").item() for label, g in grads.items()}
         t2 = time.perf_counter()
 
         # 4. transform the gradients, then the rewards' loss
         for reg in self.regularizers.values():
             grads = reg.transform_gradients(grads)
-        loss = self._reward_loss(images, grads)
+        loss = self._reward_loss(images, grads, image_weights)
 
         # 5. penalties, backward, step (a non-finite step is skipped, not applied)
         penalties = {}
@@ -202,7 +204,8 @@ class Optimizer:
         t4 = time.perf_counter()
 
         # 6. log; at intervals evaluate, draw a grid, checkpoint
-        mean_scores = {label: acc.reduce(s.mean(), "mean").item() for label, s in scores.items()}
+        # the scores of the images the generator returns at inference (deep supervision: the last step's)
+        mean_scores = {label: acc.reduce(s[-len(prompts):].mean(), "mean").item() for label, s in scores.items()}
         record = {
             "step": step,
             "reward/total": sum(self.rewards[label].weight * v for label, v in mean_scores.items()),
@@ -231,15 +234,30 @@ class Optimizer:
             self._save_checkpoint(step)
         return record
 
-    def _reward_loss(self, images: torch.Tensor, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reward_loss(self, images: torch.Tensor, grads: dict[str, torch.Tensor], image_weights: torch.Tensor) -> torch.Tensor:
         """How the rewards' signal reaches the generator: the pathwise estimator (R0).
 
         g = sum_i w_i T(g_i) is a direction in image space; the surrogate
         -<stopgrad(g), x> / B has gradient -g / B with respect to x, so backward
-        carries it through the generator by the chain rule.
+        carries it through the generator by the chain rule. `image_weights`
+        holds the 1 / B (deep supervision: the step's weight / B) of each image.
         """
         g = sum(self.rewards[label].weight * grads[label] for label in self.rewards)
-        return -(g.detach() * images).sum() / len(images)
+        return -(image_weights * (g.detach() * images).flatten(1).sum(1)).sum()
+
+    def _image_rows(self, images: torch.Tensor, prompts: list[str], options) -> tuple[list[str], torch.Tensor]:
+        """The prompt and the loss weight of each generated image: 1 / B each, or under deep supervision
+        one image per supervised step and sample (step-major), weighted by its step's weight / B."""
+        steps = options.deep_supervision or (None,)
+        weights = options.deep_supervision_weights or (1.0,) * len(steps)
+        if len(images) != len(steps) * len(prompts):
+            raise UserError(
+                f"generator '{self.generator.name}' returned {len(images)} images for {len(prompts)} prompts"
+                + (f" and the {len(steps)} steps of deep supervision (regularizers.intermediate_step, supervision = 'every_step'): "
+                   "it does not support deep supervision; use supervision = 'random_step'" if options.deep_supervision else "")
+            )
+        weights = torch.tensor(weights, dtype=torch.float32, device=images.device).repeat_interleave(len(prompts)) / len(prompts)
+        return list(prompts) * len(steps), weights
 
     def _apply_update(self, loss: torch.Tensor, scores: dict) -> tuple[bool, float, float]:
         """Backward and optimizer step unless the step is non-finite: (applied, parameter gradient norm, backward seconds).
@@ -300,6 +318,7 @@ class Optimizer:
             reg.setup(gen)
         for reward in [*self.rewards.values(), *self.eval_rewards.values()]:
             reward.requires_grad_(False).eval().to(acc.device)
+            reward.setup(gen)
         params = gen.trainable_parameters()
         if not params:
             raise UserError(f"generator '{gen.name}' has no trainable parameters")

@@ -20,7 +20,8 @@ sigma = eta * sqrt((1 - a_s) / (1 - a_t)) * sqrt(1 - a_t / a_s); for flow
 matching it is the Euler step at eta = 0 (x_s = x_t + (s - t) v) and never
 asks for more fresh noise than sigma_s (DDIM's VP-only formula does, for
 flow matching). Whatever eta is, x_s keeps the marginal noise level sigma_s.
-The output is the x0_hat of the last step (or of the supervised step, R0+).
+The output is the x0_hat of the last step, of one supervised step (R0+ as a
+random step) or of several steps stacked (R0+ as deep supervision).
 The method and which parts of it are reconstructed: docs/r0.md.
 
 Only torch is imported: the sampler knows nothing of pipelines.
@@ -97,6 +98,7 @@ def sample(
     grad_to_noise: bool = False,
     trajectory: list | None = None,
     agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    deep_supervision: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Run the K = len(alpha) steps from `noise`; the returned clean prediction, with gradient where asked.
 
@@ -108,6 +110,11 @@ def sample(
     must reach it through every step (grad_steps then defaults to all).
     If `trajectory` is a list, the x_t entering each step is appended to it
     (for rows past their returned step, what it holds there is meaningless).
+
+    `deep_supervision` (increasing steps, R0+'s second reading): the x0_hat of
+    each of these steps is returned, stacked step-major (len x B rows), with
+    the gradient of each kept through every step before it, for every row.
+    It excludes `supervise_step` and `grad_steps`.
 
     Each step runs the model with gradient only for the rows that need it and
     not at all for rows already past their returned step, so R0+'s per-sample
@@ -127,6 +134,13 @@ def sample(
     K = len(alpha)
     B, device = noise.shape[0], noise.device
     eta = eta_matrix(eta, B, K, device)
+    if deep_supervision is not None:
+        steps_out = [int(k) for k in deep_supervision]
+        if supervise_step is not None or grad_steps is not None:
+            raise ValueError("deep_supervision keeps the gradient through the whole chain: it excludes supervise_step and grad_steps")
+        if not steps_out or any(a >= b for a, b in zip(steps_out, steps_out[1:])) or steps_out[0] < 0 or steps_out[-1] >= K:
+            raise ValueError(f"deep_supervision must be increasing steps in [0, {K - 1}] for {K} steps; got {steps_out}")
+        supervise_step, grad_steps = steps_out[-1], K
     if supervise_step is None:
         end = torch.full((B,), K - 1, dtype=torch.long, device=device)
     else:
@@ -145,7 +159,7 @@ def sample(
     view = (B,) + (1,) * (noise.dim() - 1)
 
     want_grad = torch.is_grad_enabled()
-    x, out, tie = noise.float(), None, None
+    x, out, tie, stacked = noise.float(), None, None, []
     for k in range(last + 1):
         # Cut the graph in front of each sample's first step with gradient (not in front of
         # step 0: there x is the input noise, which only has a graph when it is optimized).
@@ -162,8 +176,12 @@ def sample(
             active = k <= end
             x0, eps = _predict_rows(predict, x, k, active & (first <= k) if want_grad else torch.zeros_like(active), active)
         out = x0 if out is None else torch.where((end == k).view(view), x0, out)
+        if deep_supervision is not None and k in steps_out:
+            stacked.append(x0)
         if k < last:
             x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
+    if deep_supervision is not None:
+        out = torch.cat(stacked)
     return out if tie is None else out + tie
 
 

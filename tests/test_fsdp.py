@@ -142,7 +142,7 @@ def test_r0plus_with_a_step_per_sample_under_fsdp_equals_one_process(tmp_path, w
     def recipe(run_dir: Path) -> dict:
         r = lora_recipe(run_dir, 2)
         r["generator"]["num_steps"] = 4
-        r["regularizers"]["intermediate_step"] = {"per_sample": True}
+        r["regularizers"]["intermediate_step"] = {"supervision": "random_step", "per_sample": True}
         return r
 
     Optimizer.from_recipe(recipe(tmp_path / "single")).fit()

@@ -259,6 +259,26 @@ def test_r0plus_runs_with_gradient_only_the_rows_it_supervises(models, family, p
     assert everything >= 3.5 * supervised
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_deep_supervision_decodes_every_steps_prediction_with_gradient_for_every_row(models, family):
+    """R0+ read as deep supervision: one image per step and sample, step-major; the last step's images are
+    the plain sampler's; every step runs the whole batch with gradient (the chain is kept)."""
+    cls, model = models[family]
+    gen = build(cls, model, num_steps=3, eta=0.0)
+    noise = noise_for(gen, 2)
+    calls = []
+    gen.denoiser.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((torch.is_grad_enabled(), len(args[0] if args else kwargs["hidden_states"]))), with_kwargs=True)
+    deep = gen(PROMPTS, noise, SampleOptions(num_steps=3, deep_supervision=(0, 1, 2)))
+    assert calls == [(True, 2)] * 3
+    with torch.no_grad():
+        plain = gen(PROMPTS, noise, SampleOptions(num_steps=3))
+        first = gen(PROMPTS, noise, SampleOptions(num_steps=3, supervise_step=0))
+    assert deep.shape == (6, *plain.shape[1:])
+    torch.testing.assert_close(deep[4:].detach(), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(deep[:2].detach(), first, rtol=1e-5, atol=1e-5)
+
+
 # --- weight_l2 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 @pytest.mark.parametrize("training", ["lora", "full"])

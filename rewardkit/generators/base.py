@@ -32,6 +32,12 @@ class SampleOptions:
         without gradient. A (B,) tensor picks one step per sample.
     grad_steps: backpropagate through the last `grad_steps` steps only
         (None: through all of them).
+    deep_supervision: None, or increasing 0-based steps whose clean-image
+        predictions are all returned, stacked step-major (len x B images),
+        each with the gradient kept through every step before it (R0+ read
+        as deep supervision). A generator that cannot must refuse it.
+    deep_supervision_weights: the weight of each of those steps in the
+        rewards' loss (the optimizer reads it; None: 1 each).
     prompt_index: (B,) positions of the batch's prompts in the training
         prompt list, set by the optimizer during training (None otherwise);
         generators with per-prompt parameters (optimized noise) use it.
@@ -42,6 +48,8 @@ class SampleOptions:
     supervise_step: int | torch.Tensor | None = None
     grad_steps: int | None = None
     prompt_index: torch.Tensor | None = None
+    deep_supervision: tuple[int, ...] | None = None
+    deep_supervision_weights: tuple[float, ...] | None = None
 
     def replace(self, **changes) -> "SampleOptions":
         return replace(self, **changes)

@@ -81,8 +81,8 @@ class DiffusionGenerator(Generator):
     """A K-step sampler on a diffusers pipeline; `sd` and `sd3` fill in the model-specific parts.
 
     Subclasses define: `pipeline_class` (diffusers class name), `supported_pipelines`,
-    `denoiser_name` ('unet' / 'transformer'), `_check_pipeline`,
-    `_encode`, `_predict`, `_latents_to_vae`, `schedule` and `export_scheduler`.
+    `denoiser_name` ('unet' / 'transformer'), `_check_pipeline`, `schedule`, `noise_levels`,
+    `_encode`, `_network`, `_x0_eps`, `_latents_to_vae`, `_vae_to_latents` and `export_scheduler`.
     """
 
     Options = DiffusionOptions
@@ -245,7 +245,8 @@ class DiffusionGenerator(Generator):
         return options.training == "noise"
 
     def sample_latents(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions, trajectory: list | None = None) -> torch.Tensor:
-        """The K-step sampler (rewardkit.sampler) on this model: the clean latents, with gradient where options ask."""
+        """The K-step sampler (rewardkit.sampler) on this model: the clean latents, with gradient where options ask
+        (under deep supervision, those of every supervised step, stacked step-major)."""
         K = options.num_steps or self.options.num_steps
         schedule = self.schedule(K, noise.device)
         with torch.no_grad():
@@ -254,7 +255,7 @@ class DiffusionGenerator(Generator):
             lambda x, k, rows: self._predict(x, schedule, k, cond if rows is None else _rows_of(cond, rows, len(prompts))),
             noise, schedule["alpha"], schedule["sigma"], options.eta,
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
-            grad_to_noise=self.options.training == "noise", trajectory=trajectory,
+            grad_to_noise=self.options.training == "noise", trajectory=trajectory, deep_supervision=options.deep_supervision,
             # sharded (FSDP): every network call is a collective, so all processes make the same calls
             agree=agree_max if any(is_sharded(p) for p in self.parameters()) else None,
         )
@@ -265,18 +266,64 @@ class DiffusionGenerator(Generator):
         images = self.vae.decode(z, return_dict=False)[0].float()
         return (images / 2 + 0.5).clamp(0, 1)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> clean latents (the VAE posterior's mean), with gradient: `decode`'s inverse."""
+        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype), return_dict=False)[0].mean.float()
+        return self._vae_to_latents(z)
+
+    def _predict(self, x: torch.Tensor, schedule: dict, k: int, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) at step k, float32, with classifier-free guidance when the scale is not 1.
+
+        Guidance combines the [unconditional; conditional] outputs, which are linear in x0 and eps."""
+        alpha, sigma = schedule["alpha"][k], schedule["sigma"][k]
+        scale = self.options.guidance_scale
+        x_in = torch.cat([x, x]) if scale != 1.0 else x
+        out = self._network(x_in, schedule["timesteps"][k].expand(x_in.shape[0]), cond)
+        if scale != 1.0:
+            uncond, cond_out = out.chunk(2)
+            out = uncond + scale * (cond_out - uncond)
+        return self._x0_eps(x, out, alpha, sigma)
+
+    def guidance_direction(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, prompts: Sequence[str], negative_prompt: str) -> torch.Tensor:
+        """The frozen base model's classifier-free guidance direction at the noised latents, float32, without gradient.
+
+        With x_t = alpha_t x0 + sigma_t eps at the training-schedule levels `levels` (B,), the implicit
+        classifier's gradient grad_{x_t} log p(c | x_t) = -(eps(x_t, c) - eps(x_t, negative)) / sigma_t,
+        computed with theta_0 (LoRA: the adapters disabled; full fine-tuning: the reference weights).
+        """
+        lv = self.noise_levels(levels)
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        alpha, sigma = lv["alpha"].view(shape), lv["sigma"].view(shape)
+        x_t = alpha * latents + sigma * noise
+        with torch.no_grad():
+            cond = self._encode(list(prompts), latents.device, negative=[negative_prompt] * len(prompts))
+            out = self._network(torch.cat([x_t, x_t]), torch.cat([lv["timesteps"], lv["timesteps"]]), cond, base=True)
+            _, eps = self._x0_eps(torch.cat([x_t, x_t]), out, torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
+        eps_negative, eps_cond = eps.chunk(2)
+        return -(eps_cond - eps_negative) / sigma
+
+    def _call_denoiser(self, base: bool, *args, **kwargs):
+        """The denoiser's forward, as trained (base = False) or as the frozen base theta_0 (no second copy of it is made)."""
+        if not base or self.options.training == "noise":  # training = 'noise' never changes a weight
+            return self.denoiser(*args, **kwargs)
+        if self.options.training == "lora":
+            self.denoiser.disable_adapters()
+            try:
+                return self.denoiser(*args, **kwargs)
+            finally:
+                self.denoiser.enable_adapters()
+        if self._reference is None:
+            raise RuntimeError("the base weights are asked for before snapshot_reference()")
+        prefix = self.denoiser_name + "."
+        theta_0 = {n[len(prefix):]: t for n, t in self._reference.items() if n.startswith(prefix)}
+        return torch.func.functional_call(self.denoiser, theta_0, args, kwargs, strict=False)
+
+    def _negative_prompts(self, n: int) -> list[str]:
+        """The unconditional prompts of classifier-free guidance at sampling, or [] without guidance."""
+        return [self.options.negative_prompt] * n if self.options.guidance_scale != 1.0 else []
+
     def _denoiser_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.denoiser.dtype)
-
-    def _guided(self, out: torch.Tensor) -> torch.Tensor:
-        """Combine [uncond, cond] outputs with the guidance scale (the outputs are linear in x0 and eps)."""
-        if self.options.guidance_scale == 1.0:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + self.options.guidance_scale * (cond - uncond)
-
-    def _cfg_batch(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, x]) if self.options.guidance_scale != 1.0 else x
 
     # --- weights: reference and LoRA delta ------------------------------------------------
     def _lora_layers(self):
@@ -334,14 +381,26 @@ class DiffusionGenerator(Generator):
         """{'timesteps': network time input (K,), 'alpha': (K,), 'sigma': (K,)}, float32."""
         raise NotImplementedError
 
-    def _encode(self, prompts: list[str], device):
+    def noise_levels(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Like `schedule`, for levels u (B,) in [0, 1] of the model's training noise schedule (0: clean, 1: noisiest)."""
         raise NotImplementedError
 
-    def _predict(self, x: torch.Tensor, schedule: dict, k: int, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) at step k, float32."""
+    def _encode(self, prompts: list[str], device, negative: list[str] | None = None):
+        """Text conditioning, without gradient; with `negative` (default: the guidance's, if any) [negative; prompts]."""
+        raise NotImplementedError
+
+    def _network(self, x: torch.Tensor, timesteps: torch.Tensor, cond, base: bool = False) -> torch.Tensor:
+        """The denoiser's raw output, float32 (through `_call_denoiser(base, ...)`)."""
+        raise NotImplementedError
+
+    def _x0_eps(self, x, out, alpha, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from the network output at x with x = alpha x0 + sigma eps."""
         raise NotImplementedError
 
     def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def export_scheduler(self):

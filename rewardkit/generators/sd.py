@@ -78,26 +78,32 @@ class StableDiffusion(DiffusionGenerator):
         abar = self.train_scheduler.alphas_cumprod[t].float()
         return {"timesteps": t.to(device), "alpha": (abar**0.5).to(device), "sigma": ((1 - abar) ** 0.5).to(device)}
 
-    def _encode(self, prompts: list[str], device):
-        cfg = self.options.guidance_scale != 1.0
-        cond, uncond = self.pipe.encode_prompt(
-            prompts, device, 1, cfg, negative_prompt=[self.options.negative_prompt] * len(prompts) if cfg else None
-        )
-        embeds = torch.cat([uncond, cond]) if cfg else cond
+    def noise_levels(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Levels u in [0, 1] of the training schedule (0: clean, 1: its noisiest timestep T - 1), as `schedule` gives them."""
+        T = self.train_scheduler.config.num_train_timesteps
+        t = (u.float().cpu() * (T - 1)).round().long()
+        abar = self.train_scheduler.alphas_cumprod[t].float()
+        return {"timesteps": t.to(u.device), "alpha": (abar**0.5).to(u.device), "sigma": ((1 - abar) ** 0.5).to(u.device)}
+
+    def _encode(self, prompts: list[str], device, negative: list[str] | None = None):
+        negative = self._negative_prompts(len(prompts)) if negative is None else negative
+        cond, uncond = self.pipe.encode_prompt(prompts, device, 1, bool(negative), negative_prompt=negative or None)
+        embeds = torch.cat([uncond, cond]) if negative else cond
         return embeds.to(self.unet.dtype)  # a float32 (fully trained) UNet next to bf16 text encoders
 
-    def _predict(self, x, schedule, k, cond):
-        alpha, sigma = schedule["alpha"][k], schedule["sigma"][k]
-        x_in = self._cfg_batch(x)
-        t = schedule["timesteps"][k].expand(x_in.shape[0])
-        out = self.unet(self._denoiser_input(x_in), t, encoder_hidden_states=cond, return_dict=False)[0]
-        out = self._guided(out.float())
+    def _network(self, x, timesteps, cond, base: bool = False):
+        return self._call_denoiser(base, self._denoiser_input(x), timesteps, encoder_hidden_states=cond, return_dict=False)[0].float()
+
+    def _x0_eps(self, x, out, alpha, sigma):
         if self.prediction_type == "v_prediction":
             return alpha * x - sigma * out, sigma * x + alpha * out
         return (x - sigma * out) / alpha, out
 
     def _latents_to_vae(self, latents):
         return latents / self.vae.config.scaling_factor
+
+    def _vae_to_latents(self, z):
+        return z * self.vae.config.scaling_factor
 
     def export_scheduler(self):
         """DDIM whose default `num_inference_steps=K` timesteps and final step match this sampler."""

@@ -79,9 +79,24 @@ class StableDiffusion3(DiffusionGenerator):
         return super().sampling_settings() | {"sigmas": self.unshifted_sigmas(self.options.num_steps)}
 
     def schedule(self, steps: int, device) -> dict[str, torch.Tensor]:
+        scheduler, kwargs = self._scheduler()
+        scheduler.set_timesteps(steps, sigmas=self.unshifted_sigmas(steps), **kwargs)
+        t = scheduler.sigmas[:steps].float()
+        return {"timesteps": scheduler.timesteps[:steps].float().to(device), "alpha": (1 - t).to(device), "sigma": t.to(device)}
+
+    def noise_levels(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Levels u in [0, 1] of the training schedule (unshifted sigmas), time-shifted as the model was trained."""
+        scheduler, kwargs = self._scheduler()
+        device, u = u.device, u.float().cpu()
+        t = scheduler.time_shift(kwargs["mu"], 1.0, u) if "mu" in kwargs else scheduler.shift * u / (1 + (scheduler.shift - 1) * u)
+        T = scheduler.config.num_train_timesteps
+        return {"timesteps": (t * T).to(device), "alpha": (1 - t).to(device), "sigma": t.to(device)}
+
+    def _scheduler(self):
+        """A fresh copy of the model's scheduler (it computes the levels exactly as the pipeline does), and its set_timesteps
+        arguments at this image size (the shift `mu` of dynamically shifted models)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        # A fresh copy of the model's scheduler computes the levels exactly as the pipeline does.
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
@@ -93,36 +108,34 @@ class StableDiffusion3(DiffusionGenerator):
             kwargs["mu"] = calculate_shift(
                 (h // p) * (w // p), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.16)
             )
-        scheduler.set_timesteps(steps, sigmas=self.unshifted_sigmas(steps), **kwargs)
-        t = scheduler.sigmas[:steps].float()
-        return {"timesteps": scheduler.timesteps[:steps].float().to(device), "alpha": (1 - t).to(device), "sigma": t.to(device)}
+        return scheduler, kwargs
 
-    def _encode(self, prompts: list[str], device):
-        cfg = self.options.guidance_scale != 1.0
-        neg = [self.options.negative_prompt] * len(prompts) if cfg else None
+    def _encode(self, prompts: list[str], device, negative: list[str] | None = None):
+        negative = self._negative_prompts(len(prompts)) if negative is None else negative
         embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompts, None, None, device=device, do_classifier_free_guidance=cfg,
-            negative_prompt=neg, max_sequence_length=self.options.max_sequence_length,
+            prompts, None, None, device=device, do_classifier_free_guidance=bool(negative),
+            negative_prompt=negative or None, max_sequence_length=self.options.max_sequence_length,
         )
-        if cfg:
+        if negative:
             embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
         dtype = self.transformer.dtype  # a float32 (fully trained) transformer next to bf16 text encoders
         return embeds.to(dtype), pooled.to(dtype)
 
-    def _predict(self, x, schedule, k, cond):
-        t = schedule["sigma"][k]
-        x_in = self._cfg_batch(x)
-        timestep = schedule["timesteps"][k].expand(x_in.shape[0])
+    def _network(self, x, timesteps, cond, base: bool = False):
         embeds, pooled = cond
-        v = self.transformer(
-            hidden_states=self._denoiser_input(x_in), timestep=timestep, encoder_hidden_states=embeds,
+        return self._call_denoiser(
+            base, hidden_states=self._denoiser_input(x), timestep=timesteps, encoder_hidden_states=embeds,
             pooled_projections=pooled, return_dict=False,
-        )[0]
-        v = self._guided(v.float())
-        return x - t * v, x + (1 - t) * v
+        )[0].float()
+
+    def _x0_eps(self, x, v, alpha, sigma):
+        return x - sigma * v, x + alpha * v  # alpha = 1 - t, sigma = t
 
     def _latents_to_vae(self, latents):
         return latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+
+    def _vae_to_latents(self, z):
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     def export_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -1,16 +1,27 @@
-"""`intermediate_step`: R0+'s intermediate supervision (docs/r0.md).
+"""`intermediate_step`: R0+'s intermediate supervision, in either of its two readings (docs/methods.md).
 
-Each training step picks a random step k of the K sampler steps, per sample
-(or one for the whole batch); the generator runs the steps before k without
-gradient and returns the clean-image prediction x0_hat of step k, which the
-rewards then score. Shorter backward graph, faster convergence, and a
-smoother sampling path. Draws come from the optimizer's data RNG.
+The paper says only that R0+ adds "intermediate supervision" and that it
+converges faster with a smoother sampling path; its method section is not
+public. Two readings, chosen by `supervision`:
+
+- "every_step" (deep supervision; the shipped R0+ recipes): the rewards
+  score the clean-image prediction x0_hat of every supervised step, with
+  the gradient of each kept through the steps before it, and the loss
+  weights step k by `step_weights[k]`. Every step of the path is pulled
+  toward high reward, not only its end.
+- "random_step": each training step picks one step k at random, per sample
+  (or one for the whole batch); the steps before it run without gradient
+  and the rewards score x0_hat of step k alone. A shorter backward graph.
+
+Draws come from the optimizer's data RNG.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import NonNegativeInt, field_validator
+from pydantic import NonNegativeFloat, NonNegativeInt, field_validator, model_validator
 
 from rewardkit.errors import UserError
 from rewardkit.generators.base import SampleOptions
@@ -19,17 +30,36 @@ from rewardkit.regularizers.base import Regularizer
 
 
 class IntermediateStepOptions(PluginOptions):
+    supervision: Literal["every_step", "random_step"] = "every_step"
+    """'every_step': rewards on every supervised step's clean-image prediction, gradient through the chain
+    (deep supervision); 'random_step': one random step's prediction, earlier steps without gradient."""
     steps: list[NonNegativeInt] | None = None
-    """Candidate 0-based steps to supervise (default: every step 0..K-1)."""
+    """The 0-based steps to supervise ('every_step') or to draw from ('random_step'); default: every step 0..K-1."""
+    step_weights: list[NonNegativeFloat] | None = None
+    """'every_step' only: the weight of each supervised step in the loss, one per step, in step order
+    (default: 1 each: every step's prediction is pulled as hard as R0 pulls its one output; measured
+    against 1 / n each in docs/results.md)."""
     per_sample: bool = True
-    """A step per sample (True) or one step for the whole batch."""
+    """'random_step' only: a step per sample (true) or one step for the whole batch ('every_step' supervises
+    every step of every sample and does not read it)."""
 
     @field_validator("steps")
     @classmethod
-    def _not_empty(cls, v):
-        if v is not None and not v:
-            raise ValueError("steps must not be empty")
+    def _increasing(cls, v):
+        if v is not None and (not v or any(a >= b for a, b in zip(v, v[1:]))):
+            raise ValueError("steps must be a non-empty, strictly increasing list of step numbers")
         return v
+
+    @model_validator(mode="after")
+    def _fits_the_reading(self):
+        if self.supervision == "random_step" and self.step_weights is not None:
+            raise ValueError("step_weights weigh the steps of supervision = 'every_step'; 'random_step' supervises one step at a time")
+        if self.step_weights is not None:
+            if not any(w > 0 for w in self.step_weights):
+                raise ValueError("step_weights must have at least one positive weight")
+            if self.steps is not None and len(self.step_weights) != len(self.steps):
+                raise ValueError(f"step_weights has {len(self.step_weights)} entries for the {len(self.steps)} steps {self.steps}")
+        return self
 
 
 class IntermediateStep(Regularizer):
@@ -43,9 +73,18 @@ class IntermediateStep(Regularizer):
             return []  # the generator does not say: adjust_sampling checks against its sample options
         if K == 0:
             return [f"{where}: generator '{generator.cls.name}' has no sampler steps, so there is no intermediate step to supervise"]
+        problems = []
         if options.steps is not None and max(options.steps) >= K:
-            return [f"{where}.steps: {list(options.steps)} goes past the generator's {K} steps (0..{K - 1}, generator.num_steps = {K})"]
-        return []
+            problems.append(f"{where}.steps: {list(options.steps)} goes past the generator's {K} steps (0..{K - 1}, generator.num_steps = {K})")
+        if options.supervision == "every_step":
+            if options.steps is None and options.step_weights is not None and len(options.step_weights) != K:
+                problems.append(f"{where}.step_weights: {len(options.step_weights)} weights for the generator's {K} steps")
+            if getattr(generator.options, "grad_steps", None) is not None:
+                problems.append(
+                    f"{where}: supervision = 'every_step' keeps the gradient through the whole chain, but generator.grad_steps = "
+                    f"{generator.options.grad_steps} cuts it; remove one of them (or use supervision = 'random_step')"
+                )
+        return problems
 
     def adjust_sampling(self, options: SampleOptions, batch_size: int, rng: torch.Generator) -> SampleOptions:
         K = options.num_steps
@@ -54,6 +93,11 @@ class IntermediateStep(Regularizer):
         candidates = list(self.options.steps) if self.options.steps is not None else list(range(K))
         if max(candidates) >= K:
             raise UserError(f"regularizers.intermediate_step.steps {candidates}: the generator has {K} steps (0..{K - 1})")
+        if self.options.supervision == "every_step":
+            weights = self.options.step_weights or [1.0] * len(candidates)
+            if len(weights) != len(candidates):
+                raise UserError(f"regularizers.intermediate_step.step_weights: {len(weights)} weights for the {len(candidates)} steps {candidates}")
+            return options.replace(deep_supervision=tuple(candidates), deep_supervision_weights=tuple(float(w) for w in weights))
         pick = torch.randint(len(candidates), (batch_size,) if self.options.per_sample else (), generator=rng)
         step = torch.tensor(candidates)[pick]
         return options.replace(supervise_step=step if self.options.per_sample else int(step))

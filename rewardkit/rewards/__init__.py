@@ -14,6 +14,7 @@ __getattr__ = lazy_attributes(__name__, {name: "rewardkit.rewards.base" for name
 
 @hookimpl
 def register_rewards(register):
+    from rewardkit.rewards.classifier_free_guidance import ClassifierFreeGuidance
     from rewardkit.rewards.color import Color
     from rewardkit.rewards.high_resolution import HighResolution
     from rewardkit.rewards.smoothness import Smoothness
@@ -21,3 +22,4 @@ def register_rewards(register):
     register(Color)
     register(Smoothness)
     register(HighResolution)
+    register(ClassifierFreeGuidance)

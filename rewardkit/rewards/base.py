@@ -43,5 +43,20 @@ class Reward(Configurable, torch.nn.Module):
     def weight(self) -> float:
         return self.options.weight
 
+    def setup(self, generator) -> None:
+        """Called once before training with the run's generator (before any checkpoint loads); most rewards ignore it."""
+
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_and_gradient(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(scores (B,), d scores / d images): what training asks of a reward; `images` carry no graph.
+
+        A reward that gives an image-space direction but no score (classifier-free
+        guidance as an implicit reward) overrides this and returns (None, direction).
+        """
+        x = images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            s = self(x, prompts).float()
+            (g,) = torch.autograd.grad(s.sum(), x)
+        return s.detach(), g
