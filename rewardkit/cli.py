@@ -188,7 +188,7 @@ def cmd_run(args) -> int:
         from rewardkit.rundir import check_run_dir
 
         check_run_dir(Path(recipe.run.dir), args.resume)  # here, not in N processes: one message, exit 2
-        config = distributed.check(recipe.run.batch_size, args.num_processes, recipe.run.accelerate_config)
+        config = distributed.check(recipe.run.batch_size, args.num_processes, recipe.run.accelerate_config, recipe.run.gradient_accumulation_steps)
         child = ["run", *([args.recipe] if args.recipe else []), *args.overrides, *(["--resume"] if args.resume else [])]
         for path in args.plugin:
             child += ["--plugin", os.path.abspath(path)]

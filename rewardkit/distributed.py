@@ -62,7 +62,7 @@ def resolve_config(name_or_path: str) -> Path:
     return configs[name_or_path]
 
 
-def check(batch_size: int, num_processes: int, config: str) -> Path | None:
+def check(batch_size: int, num_processes: int, config: str, accumulation: int = 1) -> Path | None:
     """Validate a distributed request before any process starts; returns the config to use."""
     if num_processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {num_processes}")
@@ -73,6 +73,12 @@ def check(batch_size: int, num_processes: int, config: str) -> Path | None:
         )
     config_path = resolve_config(config)
     settings = _read_config(config_path)
+    if "gradient_accumulation_steps" in settings and int(settings["gradient_accumulation_steps"]) != accumulation:
+        raise UserError(
+            f"accelerate config {config_path}: gradient_accumulation_steps = {settings['gradient_accumulation_steps']}, but the recipe has "
+            f"run.gradient_accumulation_steps = {accumulation}; rewardkit draws each update's batch itself, so set the accumulation "
+            "in the recipe and remove the key from the YAML"
+        )
     kind = str(settings.get("distributed_type", "NO")).upper()
     if kind not in (*DATA_PARALLEL, "FSDP"):
         raise UserError(
@@ -246,5 +252,9 @@ def load_optimizer_state(model, optimizer, saved: dict) -> None:
 
     if all(isinstance(i, int) for group in saved["param_groups"] for i in group["params"]):
         optimizer.load_state_dict(saved)  # a checkpoint from before name-keyed optimizer state (single process or DDP)
+        return
+    if not saved["state"]:  # a stateless optimizer (SGD without momentum): torch's loader cannot place an empty state
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
         return
     set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))

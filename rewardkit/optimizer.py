@@ -1,15 +1,18 @@
 """The optimizer: search for high-reward images under regularization.
 
 `fit` is setup, a loop of `record = self._step(step)`, and finish. One step,
-read top to bottom in `_step`:
-  1. draw prompts and noise; let regularizers adjust the sampling options;
+read top to bottom in `_step` and `_micro_step`:
+  1. draw the update's prompts and noise; let regularizers adjust the
+     sampling options;
+  then for each micro-batch (one, unless run.gradient_accumulation_steps > 1):
   2. generate with gradient: images x (under R0+'s deep supervision, one
      per supervised step and sample);
   3. for each reward i: r_i(x) and g_i = d r_i / d x (a gradient-only reward,
      such as classifier-free guidance, gives g_i alone);
-  4. let regularizers transform the g_i (e.g. per-sample normalization) and
-     form the rewards' loss (`_reward_loss`: pathwise, -<stopgrad(sum w_i g_i), x> / B);
-  5. add regularizer penalties, backward, optimizer step (`_apply_update`);
+  4. let regularizers transform the g_i (e.g. per-sample normalization),
+     form the rewards' loss (`_reward_loss`: pathwise, -<stopgrad(sum w_i g_i), x> / B),
+     add the regularizers' penalties, backward;
+  5. one optimizer step on the summed gradients (`_apply_update`);
   6. log; at intervals evaluate, write sample grids and atomic checkpoints.
 
 The rewards never see the generator's graph: their gradients are taken with
@@ -162,65 +165,45 @@ class Optimizer:
 
     def _step(self, step: int) -> dict:
         acc, run = self.accelerator, self.run
-        t0 = time.perf_counter()
+        t0 = self._clock()
+        lr = self.schedule.get_last_lr()[0]  # the rate this step's update uses (the schedule steps after it)
 
-        # 1. prompts and noise: every process draws the global batch, then takes its shard
-        prompts, index, noise = self._draw_batch(run.batch_size)
+        # 1. prompts and noise of the whole update, drawn at once on every process (so accumulation changes
+        #    no draw: batch 4 x 4 micro-batches is batch 16); regularizers adjust the sampling options
+        n_micro = run.gradient_accumulation_steps
+        prompts, index, noise = self._draw_batch(run.batch_size * n_micro)
         options = self.generator.sample_options().replace(prompt_index=index)
         for reg in self.regularizers.values():
             options = reg.adjust_sampling(options, len(prompts), self.data_rng)
-        prompts, noise, options = self._shard(prompts, noise, options)
 
-        # 2. generate with gradient (deep supervision: every supervised step's images, step-major)
-        t_gen = time.perf_counter()
-        with acc.autocast():
-            images = self.model(prompts, noise, options).float()
-        t1 = time.perf_counter()
-        image_prompts, image_weights = self._image_rows(images, prompts, options)
+        # 2-4. each micro-batch of run.batch_size (this process's shard of it): generate, score, loss, backward
+        micro = []
+        for m in range(n_micro):
+            with acc.accumulate(self.model):  # gradients add up; DDP / FSDP synchronize at the last micro-batch only
+                micro.append(self._micro_step(*self._shard(prompts, noise, options, m)))
 
-        # 3. each reward's score and image gradient, on a detached copy of x
-        scores, grads = {}, {}
-        for label, reward in self.rewards.items():
-            with acc.autocast():
-                s, grads[label] = reward.score_and_gradient(images.detach(), image_prompts)
-            if s is not None:  # gradient-only rewards have no score
-                scores[label] = s.float()
-        raw_norms = {label: acc.reduce(g.flatten(1).norm(dim=1).mean(), "mean").item() for label, g in grads.items()}
-        t2 = time.perf_counter()
-
-        # 4. transform the gradients, then the rewards' loss
-        for reg in self.regularizers.values():
-            grads = reg.transform_gradients(grads)
-        loss = self._reward_loss(images, grads, image_weights)
-
-        # 5. penalties, backward, step (a non-finite step is skipped, not applied)
-        penalties = {}
-        for label, reg in self.regularizers.items():
-            p = reg.penalty(self.generator)
-            if p is not None:
-                penalties[label] = p
-                loss = loss + p
-        applied, param_grad_norm, backward_time = self._apply_update(loss, scores)
-        t4 = time.perf_counter()
+        # 5. one optimizer step for the update (skipped, not applied, when any micro-batch was non-finite)
+        applied, param_grad_norm = self._apply_update(all(m["finite"] for m in micro))
+        t4 = self._clock()
 
         # 6. log; at intervals evaluate, draw a grid, checkpoint
-        # the scores of the images the generator returns at inference (deep supervision: the last step's)
-        mean_scores = {label: acc.reduce(s[-len(prompts):].mean(), "mean").item() for label, s in scores.items()}
+        def mean(key: str, label: str) -> float:
+            return acc.reduce(torch.stack([m[key][label] for m in micro]).mean(), "mean").item()
+
+        mean_scores = {label: mean("scores", label) for label in micro[0]["scores"]}
         record = {
             "step": step,
             "reward/total": sum(self.rewards[label].weight * v for label, v in mean_scores.items()),
             **{f"reward/{label}": v for label, v in mean_scores.items()},
-            **{f"grad_norm/{label}": v for label, v in raw_norms.items()},
-            **{f"penalty/{label}": p.item() for label, p in penalties.items()},
-            "loss": acc.reduce(loss.detach(), "mean").item(),
+            **{f"grad_norm/{label}": mean("grad_norms", label) for label in micro[0]["grad_norms"]},
+            **{f"penalty/{label}": p.item() for label, p in micro[-1]["penalties"].items()},
+            "loss": acc.reduce(torch.stack([m["loss"] for m in micro]).mean(), "mean").item(),
             "param_grad_norm": param_grad_norm,
-            "lr": self.schedule.get_last_lr()[0],
+            "lr": lr,
             "skipped": not applied,
             "nonfinite_total": self.nonfinite_total,
             "time/step": t4 - t0,
-            "time/generate": t1 - t_gen,
-            "time/rewards": t2 - t1,
-            "time/backward": backward_time,
+            **{f"time/{phase}": sum(m["time"][phase] for m in micro) for phase in ("generate", "rewards", "backward")},
             "memory/peak_mb": _peak_memory_mb(acc.device),
         }
         last = step == run.steps
@@ -233,6 +216,52 @@ class Optimizer:
         if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
             self._save_checkpoint(step)
         return record
+
+    def _micro_step(self, prompts: list[str], noise: torch.Tensor, options) -> dict:
+        """Steps 2-4 on one micro-batch (this process's shard): its loss's gradient added to the weights' .grad."""
+        acc, clock = self.accelerator, self._clock
+        # 2. generate with gradient (deep supervision: every supervised step's images, step-major)
+        t_gen = clock()
+        with acc.autocast():
+            images = self.model(prompts, noise, options).float()
+        t1 = clock()
+        image_prompts, image_weights = self._image_rows(images, prompts, options)
+
+        # 3. each reward's score and image gradient, on a detached copy of x
+        scores, grads = {}, {}
+        for label, reward in self.rewards.items():
+            with acc.autocast():
+                s, grads[label] = reward.score_and_gradient(images.detach(), image_prompts)
+            if s is not None:  # gradient-only rewards have no score
+                scores[label] = s.float()
+        grad_norms = {label: g.flatten(1).norm(dim=1).mean() for label, g in grads.items()}
+        t2 = clock()
+
+        # 4. transform the gradients; the rewards' loss plus the penalties; backward (a non-finite loss is not)
+        for reg in self.regularizers.values():
+            grads = reg.transform_gradients(grads)
+        loss = self._reward_loss(images, grads, image_weights)
+        penalties = {}
+        for label, reg in self.regularizers.items():
+            p = reg.penalty(self.generator)
+            if p is not None:
+                penalties[label] = p.detach()
+                loss = loss + p
+        # every process takes the same branch (the decision is all-gathered), or DDP's collectives mismatch
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
+        finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
+        t3 = clock()
+        if finite:
+            acc.backward(loss)  # divided by the number of micro-batches (accelerate's accumulation)
+        return {
+            "finite": finite,
+            "loss": loss.detach(),
+            # the scores of the returned images (deep supervision: of the last supervised step's)
+            "scores": {label: s[-len(prompts):].mean() for label, s in scores.items()},
+            "grad_norms": grad_norms,
+            "penalties": penalties,
+            "time": {"generate": t1 - t_gen, "rewards": t2 - t1, "backward": clock() - t3},
+        }
 
     def _reward_loss(self, images: torch.Tensor, grads: dict[str, torch.Tensor], image_weights: torch.Tensor) -> torch.Tensor:
         """How the rewards' signal reaches the generator: the pathwise estimator (R0).
@@ -259,19 +288,14 @@ class Optimizer:
         weights = torch.tensor(weights, dtype=torch.float32, device=images.device).repeat_interleave(len(prompts)) / len(prompts)
         return list(prompts) * len(steps), weights
 
-    def _apply_update(self, loss: torch.Tensor, scores: dict) -> tuple[bool, float, float]:
-        """Backward and optimizer step unless the step is non-finite: (applied, parameter gradient norm, backward seconds).
+    def _apply_update(self, finite: bool) -> tuple[bool, float]:
+        """The optimizer step on the accumulated gradients unless the update is non-finite: (applied, gradient norm).
 
-        Every process takes the same branch (the decision is all-gathered), or DDP's collectives mismatch.
+        `finite` is the same on every process (each micro-batch's decision was all-gathered).
         """
         acc, optim = self.accelerator, self.torch_optimizer
-        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
-        finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
-        param_grad_norm, backward_time, applied = math.nan, 0.0, False
+        param_grad_norm, applied = math.nan, False
         if finite:
-            t = time.perf_counter()
-            acc.backward(loss)
-            backward_time = time.perf_counter() - t
             param_grad_norm = float(acc.clip_grad_norm_(self.params, self.optim.max_grad_norm or math.inf))
             if acc.scaler is not None:
                 # fp16: the grad scaler skips an overflowing step and lowers its scale itself;
@@ -291,7 +315,14 @@ class Optimizer:
             self.consecutive_bad += 1
             self.nonfinite_total += 1
         optim.zero_grad(set_to_none=True)
-        return applied, param_grad_norm, backward_time
+        return applied, param_grad_norm
+
+    def _clock(self) -> float:
+        """time.perf_counter(), after the device has finished its queued work (CUDA runs asynchronously:
+        without the synchronization a phase's time would land in whichever phase next waits for the GPU)."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter()
 
     # --- setup and finish ------------------------------------------------------------
     def _setup(self, resume: bool) -> int:
@@ -302,7 +333,16 @@ class Optimizer:
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
-        acc = self.accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=_trackers(run.trackers, run_dir, self.recipe()) or None)
+        acc = self.accelerator = Accelerator(
+            mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
+            log_with=_trackers(run.trackers, run_dir, self.recipe()) or None,
+        )
+        if acc.gradient_accumulation_steps != run.gradient_accumulation_steps:
+            raise UserError(
+                f"the accelerate configuration sets gradient_accumulation_steps = {acc.gradient_accumulation_steps} "
+                f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS), the recipe run.gradient_accumulation_steps = {run.gradient_accumulation_steps}; "
+                "rewardkit draws each update's batch itself, so set it in the recipe only and remove it from the accelerate YAML"
+            )
         acc.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
         self.main = acc.is_main_process
         if run.batch_size % acc.num_processes:
@@ -316,7 +356,7 @@ class Optimizer:
         gen.to(acc.device)
         for reg in self.regularizers.values():
             reg.setup(gen)
-        for reward in [*self.rewards.values(), *self.eval_rewards.values()]:
+        for reward in {id(r): r for r in [*self.rewards.values(), *self.eval_rewards.values()]}.values():  # a shared model once
             reward.requires_grad_(False).eval().to(acc.device)
             reward.setup(gen)
         params = gen.trainable_parameters()
@@ -466,10 +506,12 @@ class Optimizer:
         write_text_atomic(folder / "index.jsonl", "".join(json.dumps(row) + "\n" for row in index))
         return f"{len(paths)} images from the optimized noise, one per training prompt: {folder} (index.jsonl lists the prompts)"
 
-    def _shard(self, prompts: list[str], noise: torch.Tensor, options):
-        """This process's part of the global batch: prompts, noise (on its device) and per-sample options."""
-        acc = self.accelerator
-        shard = distributed.batch_shard(acc.process_index, acc.num_processes, self.run.batch_size)
+    def _shard(self, prompts: list[str], noise: torch.Tensor, options, micro: int = 0):
+        """This process's part of micro-batch `micro` of the update: prompts, noise (on its device), per-sample options."""
+        acc, B = self.accelerator, self.run.batch_size
+        micro_batch = slice(micro * B, (micro + 1) * B)
+        prompts, noise, options = prompts[micro_batch], noise[micro_batch], distributed.shard_options(options, micro_batch)
+        shard = distributed.batch_shard(acc.process_index, acc.num_processes, B)
         return prompts[shard], noise[shard].to(acc.device), distributed.shard_options(options, shard)
 
     def _stop_if_diverged(self, step: int) -> None:

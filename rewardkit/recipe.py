@@ -42,6 +42,10 @@ class RunSection(_Section):
     seed: int = 0
     steps: PositiveInt
     batch_size: PositiveInt = 4
+    """Prompts per micro-batch, over all processes together (each process takes batch_size / processes)."""
+    gradient_accumulation_steps: PositiveInt = 1
+    """Micro-batches per optimizer step: each update sees batch_size x gradient_accumulation_steps prompts
+    (= per-process batch x processes x accumulation), the same draws as one batch of that size."""
     sample_every: NonNegativeInt = 0
     """Write a sample grid every N steps (0: only before the first and after the last step)."""
     checkpoint_every: NonNegativeInt = 0

@@ -61,12 +61,14 @@ def step_noise(noise: torch.Tensor, steps: int) -> torch.Tensor:
     draws exactly what the uninterrupted one would have, and a sample's
     images do not depend on the batch it was generated in.
     """
-    out = []
-    for z in noise.detach().to("cpu", torch.float32):
-        seed = int.from_bytes(hashlib.blake2b(z.contiguous().numpy().tobytes(), digest_size=8).digest(), "little")
-        rng = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-        out.append(torch.randn((steps, *z.shape), generator=rng))
+    out = [torch.randn((steps, *z.shape), generator=rng_of(z)) for z in noise.detach().to("cpu", torch.float32)]
     return torch.stack(out).to(noise.device)
+
+
+def rng_of(t: torch.Tensor) -> torch.Generator:
+    """A CPU torch.Generator seeded by a hash of the tensor's values: the same tensor, the same draws."""
+    seed = int.from_bytes(hashlib.blake2b(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def posterior_std(alpha_t, sigma_t, alpha_s, sigma_s):
@@ -175,8 +177,9 @@ def sample(
         else:
             active = k <= end
             x0, eps = _predict_rows(predict, x, k, active & (first <= k) if want_grad else torch.zeros_like(active), active)
-        out = x0 if out is None else torch.where((end == k).view(view), x0, out)
-        if deep_supervision is not None and k in steps_out:
+        if deep_supervision is None:
+            out = x0 if out is None else torch.where((end == k).view(view), x0, out)
+        elif k in steps_out:
             stacked.append(x0)
         if k < last:
             x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])

@@ -45,19 +45,23 @@ def perturb(gen, training):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def independent_gradient(family, model, images, seed):
+def independent_gradient(family, model, images):
     """The reward's image gradient from a fresh pipeline: z0 = VAE mean, x_t at u ~ U[LEVELS], the base
     denoiser's -(eps(c) - eps(negative)) / sigma, times alpha, pulled back through the encoder."""
+    import hashlib
+
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    torch.manual_seed(seed)  # the reward draws u, then the noise, from torch's global RNG
-    u = LEVELS[0] + (LEVELS[1] - LEVELS[0]) * torch.rand(len(images))
+    # the reward's documented draws: per image, a generator seeded by the 8-byte blake2b of its float32 values; u, then eps
+    rngs = [torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(im.numpy().tobytes(), digest_size=8).digest(), "little") & (2**63 - 1))
+            for im in images.float().contiguous()]
+    u = torch.stack([LEVELS[0] + (LEVELS[1] - LEVELS[0]) * torch.rand((), generator=g) for g in rngs])
     x = images.clone().requires_grad_(True)
     neg = ["blurry"] * len(PROMPTS)
     if family == "sd":
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
         z0 = pipe.vae.encode(2 * x - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(z0.shape)
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
         t = (u * (pipe.scheduler.config.num_train_timesteps - 1)).round().long()
         abar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
@@ -70,7 +74,7 @@ def independent_gradient(family, model, images, seed):
         pipe = StableDiffusion3Pipeline.from_pretrained(model)
         cfg = pipe.vae.config
         z0 = (pipe.vae.encode(2 * x - 1).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
-        noise = torch.randn(z0.shape)
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
         shift = pipe.scheduler.config.shift
         s = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
         alpha, sigma = 1 - s, s
@@ -102,13 +106,20 @@ def test_the_direction_is_the_base_models_guidance_and_no_copy_is_made(tiny, fam
     with torch.no_grad():
         before = gen(PROMPTS, noise, gen.sample_options())
 
+    references = gen._reference
     torch.manual_seed(11)
     score, g = reward.score_and_gradient(images, PROMPTS)
-    want = independent_gradient(family, tiny[family], images, 11)
+    torch.manual_seed(12)  # torch's RNG does not enter: another state, the same direction
+    _, again = reward.score_and_gradient(images, PROMPTS)
+    _, alone = reward.score_and_gradient(images[1:], PROMPTS[1:])  # nor does the batch
+    want = independent_gradient(family, tiny[family], images)
 
     assert score is None
-    scale = want.abs().max()
-    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4 * float(scale))
+    scale = float(want.abs().max())
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(again, g, rtol=0, atol=0)
+    torch.testing.assert_close(alone, g[1:], rtol=1e-5, atol=1e-5 * scale)
+    assert gen._reference is references  # full fine-tuning: weight L2's theta_0, not another copy
     # the trained weights give another direction: the test would see them used instead of theta_0
     lv = gen.noise_levels(torch.tensor([0.5]))
     with torch.no_grad():

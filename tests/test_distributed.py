@@ -136,3 +136,22 @@ def test_noise_optimization_shards_prompt_positions(tmp_path, write_recipe):
     assert (one - init).abs().amax(dim=(1, 2, 3)).gt(0).sum() >= 8  # most rows were optimized
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
     assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 11  # written once, by rank 0
+
+
+def test_two_processes_accumulating_equal_one_process_with_the_whole_update(tmp_path, write_recipe):
+    """Global batch = batch_size x accumulation (batch_size is over all processes): 2 processes x 2 rows x 2
+    micro-batches is one process's batch of 8. SGD, so a mis-scaled accumulated gradient shows."""
+    def accumulating(run_dir, batch, accumulation):
+        r = recipe(run_dir, steps=4)
+        r["run"].update(batch_size=batch, gradient_accumulation_steps=accumulation)
+        r["optimizer"] = {"name": "sgd", "lr": 20.0}
+        return r
+
+    Optimizer.from_recipe(accumulating(tmp_path / "one", 8, 1)).fit()
+    proc = run_cli("run", str(write_recipe(accumulating(tmp_path / "two", 4, 2))), "--num-processes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    start = Optimizer.from_recipe(accumulating(tmp_path / "x", 8, 1))
+    start.generator.setup(start.prompts, 0)
+    moved = weights(tmp_path / "one", 4) - start.generator.logits.detach()
+    assert float(moved.abs().max()) > 1e-3
+    torch.testing.assert_close(weights(tmp_path / "two", 4), weights(tmp_path / "one", 4), rtol=1e-5, atol=1e-6)

@@ -151,3 +151,17 @@ def test_r0plus_with_a_step_per_sample_under_fsdp_equals_one_process(tmp_path, w
     sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
     for k in single:
         assert_adam_runs_agree(sharded[k], single[k], recipe(tmp_path)["optimizer"]["lr"], 2)
+
+
+def test_accumulation_under_fsdp_equals_one_process_with_the_whole_update(tmp_path, write_recipe):
+    def recipe(run_dir: Path, batch: int, accumulation: int) -> dict:
+        r = lora_recipe(run_dir, 2)
+        r["run"].update(batch_size=batch, gradient_accumulation_steps=accumulation)
+        return r
+
+    Optimizer.from_recipe(recipe(tmp_path / "single", 8, 1)).fit()
+    proc = run_fsdp(write_recipe(recipe(tmp_path / "run", 4, 2)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
+    for k in single:
+        assert_adam_runs_agree(sharded[k], single[k], lora_recipe(tmp_path, 2)["optimizer"]["lr"], 2)

@@ -50,7 +50,7 @@ def test_deep_supervision_weighs_each_steps_prediction_as_asked(tmp_path):
     assert_same_update(update(tmp_path, "default", {"intermediate_step": {}}), {n: sum(s[n] for s in single) for n in r0})
 
 
-def test_a_generator_that_ignores_deep_supervision_is_refused(tmp_path):
+def test_a_generator_without_deep_supervision_is_refused(tmp_path):
     from rewardkit.generators.base import SampleOptions
     from rewardkit.generators.pixels import Pixels
     from rewardkit.regularizers.intermediate_step import IntermediateStep
@@ -66,8 +66,17 @@ def test_a_generator_that_ignores_deep_supervision_is_refused(tmp_path):
         def sample_options(self):
             return SampleOptions(num_steps=4)
 
-    opt = Optimizer(FourSteps(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run={"steps": 1, "dir": str(tmp_path / "r"), "trackers": []})
-    with pytest.raises(UserError, match=r"returned 4 images for 4 prompts and the 4 steps of deep supervision.*supervision = 'random_step'"):
+    run = {"steps": 1, "dir": str(tmp_path / "r"), "trackers": []}
+    with pytest.raises(RecipeError, match=r"generator 'four_steps' does not support deep supervision .*use supervision = 'random_step'"):
+        Optimizer(FourSteps(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run=run)
+    Optimizer(FourSteps(height=8, width=8), [Color()], [IntermediateStep(supervision="random_step")], prompts=["a"], run=run).fit()
+
+    class Claims(FourSteps):  # says it supports it, and does not: the image count gives it away
+        name = "claims"
+        supports_deep_supervision = True
+
+    opt = Optimizer(Claims(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run={**run, "dir": str(tmp_path / "c")})
+    with pytest.raises(UserError, match=r"returned 4 images for 4 prompts and the 4 steps of deep supervision"):
         opt.fit()
 
 
@@ -78,6 +87,7 @@ def test_a_generator_that_ignores_deep_supervision_is_refused(tmp_path):
     ({}, {"grad_steps": 1}, r"keeps the gradient through the whole chain, but generator.grad_steps = 1 cuts it"),
     ({"steps": [2, 1]}, {}, r"strictly increasing"),
     ({"step_weights": [0.0, 0.0, 0.0]}, {}, r"at least one positive weight"),
+    ({"per_sample": True}, {}, r"per_sample picks the step of supervision = 'random_step'"),
 ])
 def test_bad_deep_supervision_options_are_refused_before_anything_loads(tmp_path, options, generator, message):
     from rewardkit.plugins import load_registry
@@ -87,3 +97,12 @@ def test_bad_deep_supervision_options_are_refused_before_anything_loads(tmp_path
     r["generator"].update(generator)
     with pytest.raises(RecipeError, match=message):
         load_recipe(r, registry=load_registry())
+
+
+def test_the_random_step_reading_takes_a_repeated_step_as_a_weight():
+    from rewardkit.generators.base import SampleOptions
+    from rewardkit.regularizers.intermediate_step import IntermediateStep
+
+    reg = IntermediateStep(supervision="random_step", steps=[3, 3, 3, 0])
+    picked = reg.adjust_sampling(SampleOptions(num_steps=4), 4000, torch.Generator().manual_seed(0)).supervise_step
+    assert set(picked.tolist()) == {0, 3} and 0.7 < float((picked == 3).float().mean()) < 0.8

@@ -175,9 +175,24 @@ def test_warmup_and_cosine_schedule(tmp_path):
     recipe = pixels_recipe(tmp_path / "run", steps=10, optimizer={"lr": 0.1, "warmup_steps": 4, "schedule": "cosine"})
     Optimizer.from_recipe(recipe).fit()
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    assert lrs[0] < lrs[1] < lrs[2] < lrs[3]  # warming up
-    assert lrs[3] == pytest.approx(0.1, rel=1e-6)
-    assert lrs[4] > lrs[6] > lrs[9]  # cosine decay
+    # the rate each logged step used: linear warm-up from lr / (w + 1) over w = 4 steps, then cosine over the other 6
+    warmup = [0.1 * (1 + k) / 5 for k in range(5)]
+    cosine = [0.1 * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(6)]
+    assert lrs == pytest.approx(warmup + cosine[1:], rel=1e-6)
+
+
+def test_the_logged_lr_is_the_one_the_step_used(tmp_path, monkeypatch):
+    used = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    Optimizer.from_recipe(pixels_recipe(tmp_path / "run", steps=5, optimizer={"lr": 0.1, "warmup_steps": 3})).fit()
+    assert [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == pytest.approx(used, rel=1e-9)
+    assert len(set(used)) == 4  # the warm-up moved it
 
 
 def test_wandb_asked_but_not_installed_is_bad_input(tmp_path):

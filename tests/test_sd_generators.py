@@ -279,6 +279,43 @@ def test_deep_supervision_decodes_every_steps_prediction_with_gradient_for_every
     torch.testing.assert_close(deep[:2].detach(), first, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_frozen_module_has_the_declared_dtype_whatever_the_checkpoint_holds(dtype):
+    """The packaged teacher is saved in float16; transformers keeps a text encoder's saved dtype unless told."""
+    from safetensors import safe_open
+
+    from rewardkit.testbed.data import weights_dir
+
+    folder = weights_dir("rewardkit-testbed") / "teacher"
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    gen = build(StableDiffusion, str(folder), weights_dtype=dtype, training="lora", lora_rank=4)
+    assert {p.dtype for p in gen.parameters() if not p.requires_grad} == {getattr(torch, dtype)}
+    assert {p.dtype for p in gen.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_sd3_noise_levels_are_the_schedulers_own(tiny_sd3, dynamic):
+    """The levels the guidance reward noises to: diffusers' shifted sigma for each unshifted u (static or dynamic shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    gen = build(StableDiffusion3, tiny_sd3)
+    if dynamic:
+        gen.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(gen.pipe.scheduler.config, use_dynamic_shifting=True)
+    u = torch.tensor([0.05, 0.3, 0.9])
+    levels = gen.noise_levels(u)
+    _, h, w = gen.noise_shape()
+    p = gen.transformer.config.patch_size
+    for i, ui in enumerate(u.tolist()):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(gen.pipe.scheduler.config)
+        scheduler.set_timesteps(1, sigmas=[ui], **({"mu": calculate_shift((h // p) * (w // p))} if dynamic else {}))
+        torch.testing.assert_close(levels["sigma"][i], scheduler.sigmas[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(levels["timesteps"][i], scheduler.timesteps[0], rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(levels["alpha"][i], 1 - scheduler.sigmas[0], rtol=1e-6, atol=1e-7)
+    assert bool((levels["sigma"] > u).all()) or dynamic  # SD3's shift 3 moves every level up
+
+
 # --- weight_l2 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 @pytest.mark.parametrize("training", ["lora", "full"])

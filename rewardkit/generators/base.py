@@ -35,7 +35,7 @@ class SampleOptions:
     deep_supervision: None, or increasing 0-based steps whose clean-image
         predictions are all returned, stacked step-major (len x B images),
         each with the gradient kept through every step before it (R0+ read
-        as deep supervision). A generator that cannot must refuse it.
+        as deep supervision); generators that do say `supports_deep_supervision`.
     deep_supervision_weights: the weight of each of those steps in the
         rewards' loss (the optimizer reads it; None: 1 each).
     prompt_index: (B,) positions of the batch's prompts in the training
@@ -62,6 +62,9 @@ class Generator(Configurable, torch.nn.Module):
     `noise_shape` and `forward`. Trainable parameters are those with
     ``requires_grad``; everything else is frozen.
     """
+
+    supports_deep_supervision: bool = False
+    """Whether `forward` honours SampleOptions.deep_supervision (R0+'s every-step reading)."""
 
     def __init__(self, **options):
         torch.nn.Module.__init__(self)

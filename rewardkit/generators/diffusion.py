@@ -86,6 +86,7 @@ class DiffusionGenerator(Generator):
     """
 
     Options = DiffusionOptions
+    supports_deep_supervision = True
     pipeline_class: str = ""
     supported_pipelines: tuple[str, ...] = ()
     denoiser_name: str = ""
@@ -99,9 +100,11 @@ class DiffusionGenerator(Generator):
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
                 self.add_module(name, module)
+        # Every frozen module in the declared dtype, float32 included: a checkpoint's own dtype (e.g. an fp16
+        # text encoder, which transformers keeps as saved) must not decide the compute precision.
         frozen_dtype = DTYPES[self.options.weights_dtype]
         for name, module in pipe.components.items():
-            if frozen_dtype != torch.float32 and isinstance(module, torch.nn.Module) and not (module is self.denoiser and self.options.training == "full"):
+            if isinstance(module, torch.nn.Module) and not (module is self.denoiser and self.options.training == "full"):
                 module.to(frozen_dtype)
 
         if self.options.training == "lora":
@@ -133,6 +136,9 @@ class DiffusionGenerator(Generator):
             self.vae.enable_slicing()
         elif self.options.vae_decode == "tiled":
             self.vae.enable_tiling()
+
+        # Read once: diffusers' `module.dtype` walks every submodule, milliseconds per sampler step.
+        self.denoiser_dtype, self.vae_dtype = self.denoiser.dtype, self.vae.dtype
 
         # FSDP's shard groups (accelerate's transformer-based wrap reads this): the repeated blocks present
         self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(FSDP_BLOCKS))
@@ -262,13 +268,13 @@ class DiffusionGenerator(Generator):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images in [0, 1], as diffusers' pipelines decode them (with gradient)."""
-        z = self._latents_to_vae(latents).to(self.vae.dtype)
+        z = self._latents_to_vae(latents).to(self.vae_dtype)
         images = self.vae.decode(z, return_dict=False)[0].float()
         return (images / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> clean latents (the VAE posterior's mean), with gradient: `decode`'s inverse."""
-        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype), return_dict=False)[0].mean.float()
+        z = self.vae.encode((images * 2 - 1).to(self.vae_dtype), return_dict=False)[0].mean.float()
         return self._vae_to_latents(z)
 
     def _predict(self, x: torch.Tensor, schedule: dict, k: int, cond) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,23 +313,29 @@ class DiffusionGenerator(Generator):
         if not base or self.options.training == "noise":  # training = 'noise' never changes a weight
             return self.denoiser(*args, **kwargs)
         if self.options.training == "lora":
+            # peft's disable / enable also set requires_grad on the adapters: put back exactly what was there
+            flags = [(p, p.requires_grad) for p in self.denoiser.parameters()]
             self.denoiser.disable_adapters()
             try:
                 return self.denoiser(*args, **kwargs)
             finally:
                 self.denoiser.enable_adapters()
+                for p, flag in flags:
+                    p.requires_grad_(flag)
         if self._reference is None:
             raise RuntimeError("the base weights are asked for before snapshot_reference()")
         prefix = self.denoiser_name + "."
         theta_0 = {n[len(prefix):]: t for n, t in self._reference.items() if n.startswith(prefix)}
-        return torch.func.functional_call(self.denoiser, theta_0, args, kwargs, strict=False)
+        if set(theta_0) != {n for n, p in self.denoiser.named_parameters() if p.requires_grad}:
+            raise RuntimeError("the reference weights do not cover the trained denoiser's parameters")
+        return torch.func.functional_call(self.denoiser, theta_0, args, kwargs)
 
     def _negative_prompts(self, n: int) -> list[str]:
         """The unconditional prompts of classifier-free guidance at sampling, or [] without guidance."""
         return [self.options.negative_prompt] * n if self.options.guidance_scale != 1.0 else []
 
     def _denoiser_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.denoiser.dtype)
+        return x.to(self.denoiser_dtype)
 
     # --- weights: reference and LoRA delta ------------------------------------------------
     def _lora_layers(self):

@@ -89,7 +89,7 @@ class StableDiffusion(DiffusionGenerator):
         negative = self._negative_prompts(len(prompts)) if negative is None else negative
         cond, uncond = self.pipe.encode_prompt(prompts, device, 1, bool(negative), negative_prompt=negative or None)
         embeds = torch.cat([uncond, cond]) if negative else cond
-        return embeds.to(self.unet.dtype)  # a float32 (fully trained) UNet next to bf16 text encoders
+        return embeds.to(self.denoiser_dtype)  # a float32 (fully trained) UNet next to bf16 text encoders
 
     def _network(self, x, timesteps, cond, base: bool = False):
         return self._call_denoiser(base, self._denoiser_input(x), timesteps, encoder_hidden_states=cond, return_dict=False)[0].float()

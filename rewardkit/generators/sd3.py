@@ -85,7 +85,9 @@ class StableDiffusion3(DiffusionGenerator):
         return {"timesteps": scheduler.timesteps[:steps].float().to(device), "alpha": (1 - t).to(device), "sigma": t.to(device)}
 
     def noise_levels(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Levels u in [0, 1] of the training schedule (unshifted sigmas), time-shifted as the model was trained."""
+        """Levels u in [0, 1] of the training schedule (unshifted sigmas), time-shifted as the model was trained
+        (the static or dynamic shift; a scheduler's set-wide stretches, shift_terminal and Karras-type spacings, do not
+        apply to single levels)."""
         scheduler, kwargs = self._scheduler()
         device, u = u.device, u.float().cpu()
         t = scheduler.time_shift(kwargs["mu"], 1.0, u) if "mu" in kwargs else scheduler.shift * u / (1 + (scheduler.shift - 1) * u)
@@ -118,7 +120,7 @@ class StableDiffusion3(DiffusionGenerator):
         )
         if negative:
             embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
-        dtype = self.transformer.dtype  # a float32 (fully trained) transformer next to bf16 text encoders
+        dtype = self.denoiser_dtype  # a float32 (fully trained) transformer next to bf16 text encoders
         return embeds.to(dtype), pooled.to(dtype)
 
     def _network(self, x, timesteps, cond, base: bool = False):

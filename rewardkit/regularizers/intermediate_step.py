@@ -7,7 +7,7 @@ public. Two readings, chosen by `supervision`:
 - "every_step" (deep supervision; the shipped R0+ recipes): the rewards
   score the clean-image prediction x0_hat of every supervised step, with
   the gradient of each kept through the steps before it, and the loss
-  weights step k by `step_weights[k]`. Every step of the path is pulled
+  weighs the i-th supervised step by `step_weights[i]`. Every step of the path is pulled
   toward high reward, not only its end.
 - "random_step": each training step picks one step k at random, per sample
   (or one for the whole batch); the steps before it run without gradient
@@ -34,26 +34,33 @@ class IntermediateStepOptions(PluginOptions):
     """'every_step': rewards on every supervised step's clean-image prediction, gradient through the chain
     (deep supervision); 'random_step': one random step's prediction, earlier steps without gradient."""
     steps: list[NonNegativeInt] | None = None
-    """The 0-based steps to supervise ('every_step') or to draw from ('random_step'); default: every step 0..K-1."""
+    """'every_step': the 0-based steps to supervise, increasing; 'random_step': the steps to draw from
+    (a repeated step is drawn more often). Default: every step 0..K-1."""
     step_weights: list[NonNegativeFloat] | None = None
-    """'every_step' only: the weight of each supervised step in the loss, one per step, in step order
+    """'every_step' only: the loss weight of each supervised step, the i-th weight for the i-th step
     (default: 1 each: every step's prediction is pulled as hard as R0 pulls its one output; measured
-    against 1 / n each in docs/results.md)."""
-    per_sample: bool = True
-    """'random_step' only: a step per sample (true) or one step for the whole batch ('every_step' supervises
-    every step of every sample and does not read it)."""
+    against 1 / K each in docs/results.md)."""
+    per_sample: bool | None = None
+    """'random_step' only: a step per sample (true, the default) or one step for the whole batch."""
 
     @field_validator("steps")
     @classmethod
-    def _increasing(cls, v):
-        if v is not None and (not v or any(a >= b for a, b in zip(v, v[1:]))):
-            raise ValueError("steps must be a non-empty, strictly increasing list of step numbers")
+    def _not_empty(cls, v):
+        if v is not None and not v:
+            raise ValueError("steps must not be empty")
         return v
 
     @model_validator(mode="after")
     def _fits_the_reading(self):
-        if self.supervision == "random_step" and self.step_weights is not None:
-            raise ValueError("step_weights weigh the steps of supervision = 'every_step'; 'random_step' supervises one step at a time")
+        if self.supervision == "random_step":
+            if self.step_weights is not None:
+                raise ValueError("step_weights weigh the steps of supervision = 'every_step'; 'random_step' supervises one step at a time")
+            return self
+        if self.per_sample is not None:
+            raise ValueError("per_sample picks the step of supervision = 'random_step'; 'every_step' supervises every step of every sample "
+                             "(set supervision = 'random_step' to keep the one-random-step reading)")
+        if self.steps is not None and any(a >= b for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError("steps of supervision = 'every_step' must be strictly increasing")
         if self.step_weights is not None:
             if not any(w > 0 for w in self.step_weights):
                 raise ValueError("step_weights must have at least one positive weight")
@@ -69,21 +76,24 @@ class IntermediateStep(Regularizer):
     @classmethod
     def check(cls, options, generator, where: str) -> list[str]:
         K = generator.cls.planned_steps(generator.options)
-        if K is None:
-            return []  # the generator does not say: adjust_sampling checks against its sample options
         if K == 0:
             return [f"{where}: generator '{generator.cls.name}' has no sampler steps, so there is no intermediate step to supervise"]
         problems = []
-        if options.steps is not None and max(options.steps) >= K:
-            problems.append(f"{where}.steps: {list(options.steps)} goes past the generator's {K} steps (0..{K - 1}, generator.num_steps = {K})")
         if options.supervision == "every_step":
-            if options.steps is None and options.step_weights is not None and len(options.step_weights) != K:
-                problems.append(f"{where}.step_weights: {len(options.step_weights)} weights for the generator's {K} steps")
+            if not generator.cls.supports_deep_supervision:
+                problems.append(f"{where}: generator '{generator.cls.name}' does not support deep supervision (supervision = 'every_step'); "
+                                "use supervision = 'random_step'")
             if getattr(generator.options, "grad_steps", None) is not None:
                 problems.append(
                     f"{where}: supervision = 'every_step' keeps the gradient through the whole chain, but generator.grad_steps = "
                     f"{generator.options.grad_steps} cuts it; remove one of them (or use supervision = 'random_step')"
                 )
+        if K is None:
+            return problems  # the generator does not say its steps: adjust_sampling checks them against its sample options
+        if options.steps is not None and max(options.steps) >= K:
+            problems.append(f"{where}.steps: {list(options.steps)} goes past the generator's {K} steps (0..{K - 1}, generator.num_steps = {K})")
+        if options.supervision == "every_step" and options.steps is None and options.step_weights is not None and len(options.step_weights) != K:
+            problems.append(f"{where}.step_weights: {len(options.step_weights)} weights for the generator's {K} steps")
         return problems
 
     def adjust_sampling(self, options: SampleOptions, batch_size: int, rng: torch.Generator) -> SampleOptions:
@@ -98,6 +108,7 @@ class IntermediateStep(Regularizer):
             if len(weights) != len(candidates):
                 raise UserError(f"regularizers.intermediate_step.step_weights: {len(weights)} weights for the {len(candidates)} steps {candidates}")
             return options.replace(deep_supervision=tuple(candidates), deep_supervision_weights=tuple(float(w) for w in weights))
-        pick = torch.randint(len(candidates), (batch_size,) if self.options.per_sample else (), generator=rng)
+        per_sample = self.options.per_sample is not False
+        pick = torch.randint(len(candidates), (batch_size,) if per_sample else (), generator=rng)
         step = torch.tensor(candidates)[pick]
-        return options.replace(supervise_step=step if self.options.per_sample else int(step))
+        return options.replace(supervise_step=step if per_sample else int(step))

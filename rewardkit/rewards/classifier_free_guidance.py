@@ -14,10 +14,14 @@ image through the encoder: the image gradient of E_u[log p(c | x_t)]. The
 optimizer then normalizes and weights it like any other reward's gradient.
 It has no score, so it trains and never evaluates.
 
-The base model is the generator's own denoiser: its LoRA adapters disabled,
-or (full fine-tuning) the reference weights theta_0 that weight L2 keeps;
-no second copy of the denoiser is made. Noise levels are drawn from torch's
-global RNG, whose state every checkpoint saves.
+The base model is the generator's own denoiser, run as theta_0: its LoRA
+adapters disabled, or (full fine-tuning) with the reference weights that
+weight L2 keeps (taken here, once, if no weight L2 is configured: the one
+copy of the trainable weights weight L2 would hold). No second denoiser is
+built. Each image's level and noise are drawn from a generator seeded by a
+hash of the image, so they do not depend on the batch, the number of
+processes, or anything else that uses torch's RNG (and a resumed run draws
+what the uninterrupted one would). Not yet under FSDP (refused).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
+from rewardkit.distributed import is_sharded
 from rewardkit.errors import UserError
 from rewardkit.rewards.base import Reward, RewardOptions
+from rewardkit.sampler import rng_of
 
 
 class ClassifierFreeGuidanceOptions(RewardOptions):
@@ -58,6 +64,9 @@ class ClassifierFreeGuidance(Reward):
             return [f"{where}: classifier_free_guidance gives an image gradient, not a score, so it cannot evaluate; use it under [rewards]"]
         if not issubclass(generator.cls, DiffusionGenerator):
             return [f"{where}: classifier_free_guidance needs a diffusion generator (sd, sd3, testbed) whose base model guides; '{generator.cls.name}' has none"]
+        missing = [m for m in ("noise_levels", "_network", "_x0_eps", "_vae_to_latents") if getattr(generator.cls, m) is getattr(DiffusionGenerator, m)]
+        if missing:
+            return [f"{where}: generator '{generator.cls.name}' does not implement {', '.join(missing)}, which classifier_free_guidance needs (docs/plugin-api.md)"]
         return []
 
     def setup(self, generator) -> None:
@@ -76,14 +85,16 @@ class ClassifierFreeGuidance(Reward):
         if not hasattr(self, "_generator"):
             raise RuntimeError("classifier_free_guidance.setup(generator) was not called")
         (gen,) = self._generator
+        if any(is_sharded(p) for p in gen.parameters()):
+            raise UserError("reward 'classifier_free_guidance' does not run under FSDP yet (it would not see theta_0 there); use the 'ddp' accelerate config")
         low, high = self.options.levels
-        u = low + (high - low) * torch.rand(len(images))
         negative = gen.options.negative_prompt if self.options.negative_prompt is None else self.options.negative_prompt
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             z0 = gen.encode(x)
-            noise = torch.randn(z0.shape).to(z0.device)
-            u = u.to(z0.device)
+            draws = [rng_of(image) for image in images]  # per image: independent of batch, processes and torch's RNG
+            u = torch.stack([low + (high - low) * torch.rand((), generator=g) for g in draws]).to(z0.device)
+            noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in draws]).to(z0.device)
             direction = gen.guidance_direction(z0.detach(), u, noise, prompts, negative)
             alpha = gen.noise_levels(u)["alpha"].view(-1, *([1] * (z0.dim() - 1)))
             (g,) = torch.autograd.grad(z0, x, grad_outputs=alpha * direction)
