@@ -2,7 +2,7 @@
 
     checkpoints/step_000100/
         generator.safetensors   trainable weights
-        optimizer.pt            optimizer + LR schedule state (loaded weights_only)
+        optimizer.pt            optimizer + LR schedule state, fp16 loss scale (loaded weights_only)
         rng.safetensors         data-sampling and torch RNG states
         state.json              step and counters; written last
 

@@ -201,6 +201,7 @@ class Optimizer:
             "param_grad_norm": param_grad_norm,
             "lr": lr,
             "skipped": not applied,
+            **({"grad_scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}),
             "nonfinite_total": self.nonfinite_total,
             "time/step": t4 - t0,
             **{f"time/{phase}": sum(m["time"][phase] for m in micro) for phase in ("generate", "rewards", "backward")},
@@ -333,10 +334,15 @@ class Optimizer:
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
+        _forget_other_precision(run.mixed_precision)
         acc = self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
             log_with=_trackers(run.trackers, run_dir, self.recipe()) or None,
         )
+        if run.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.scaler is None:
+            # accelerate declines fp16 on CPU, where torch has both autocast and a GradScaler: enable accelerate's own
+            # fp16 path there (its autocast, scaled backward, unscale-before-clip, skipped overflow steps)
+            acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")
         if acc.gradient_accumulation_steps != run.gradient_accumulation_steps:
             raise UserError(
                 f"the accelerate configuration sets gradient_accumulation_steps = {acc.gradient_accumulation_steps} "
@@ -412,8 +418,12 @@ class Optimizer:
 
     def _restore_optimizer(self, optim_state: dict, state: dict) -> None:
         """Optimizer and LR-schedule state into the prepared (possibly sharded) optimizer."""
-        optim = self.torch_optimizer
+        optim, scaler = self.torch_optimizer, self.accelerator.scaler
         distributed.load_optimizer_state(self.generator, optim.optimizer, optim_state["optimizer"])
+        if scaler is not None and "grad_scaler" in optim_state:
+            scaler.load_state_dict(optim_state["grad_scaler"])
+        elif scaler is not None:
+            log.info("the checkpoint has no fp16 loss scale (it was not an fp16 run): starting from the default scale")
         if state.get("total_steps", self.run.steps) == self.run.steps:
             self.schedule.load_state_dict(optim_state["schedule"])
         else:  # run.steps changed (extending a run): the new schedule, advanced to this step
@@ -434,7 +444,9 @@ class Optimizer:
                 self.run_dir / "checkpoints",
                 step,
                 weights,
-                {"optimizer": optimizer_state, "schedule": self.schedule.state_dict()},
+                # fp16: the loss scale is state too (a resumed run must skip the overflow steps the uninterrupted one skips)
+                {"optimizer": optimizer_state, "schedule": self.schedule.state_dict(),
+                 **({"grad_scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler is not None else {})},
                 {"data": self.data_rng.get_state(), "torch": torch.get_rng_state()},
                 {"nonfinite_total": self.nonfinite_total, "total_steps": self.run.steps},
                 keep=self.run.keep_checkpoints,
@@ -580,6 +592,16 @@ def _section(model, value, where: str):
         return validate_strict(model, dict(value or {}))
     except ValidationError as exc:
         raise RecipeError(f"Optimizer({where}=...)", describe_errors(exc, model, where)) from None
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    mixed precision; a notebook or script that fits a bf16 run after an fp32 one is entitled to it. Only the
+    precision state is dropped: the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _torch_optimizer(cfg: OptimizerSection, params):

@@ -105,7 +105,8 @@ class DiffusionGenerator(Generator):
         frozen_dtype = DTYPES[self.options.weights_dtype]
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module) and not (module is self.denoiser and self.options.training == "full"):
-                module.to(frozen_dtype)
+                if any(p.dtype != frozen_dtype for p in module.parameters()):  # (diffusers warns on every cast)
+                    module.to(frozen_dtype)
 
         if self.options.training == "lora":
             from peft import LoraConfig
