@@ -36,9 +36,13 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run directory")
     p.add_argument(
         "--num-processes", type=int, default=1, metavar="N",
-        help="data-parallel processes (GPUs; CPU processes with gloo where there are none); the accelerate "
+        help="data-parallel processes on this machine (GPUs; CPU processes with gloo where there are none); the accelerate "
         "configuration is run.accelerate_config",
     )
+    p.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part (multi-node; run the same command on each)")
+    p.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1 (machine 0 writes the run directory)")
+    p.add_argument("--main-process-ip", metavar="IP", help="the address of machine 0 (needed with --num-machines > 1)")
+    p.add_argument("--main-process-port", type=int, default=29500, metavar="PORT", help="a free port on machine 0 (default 29500)")
 
     p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     p.add_argument("recipe")
@@ -182,17 +186,20 @@ def cmd_run(args) -> int:
     recipe_path, overrides = _split_recipe_args(args.recipe, args.overrides)
     registry = load_registry(args.plugin)
     recipe = load_recipe(recipe_path, overrides, registry=registry)
-    if args.num_processes != 1 and not distributed.launched():
+    if (args.num_processes != 1 or args.num_machines != 1) and not distributed.launched():
         from pathlib import Path
 
         from rewardkit.rundir import check_run_dir
 
-        check_run_dir(Path(recipe.run.dir), args.resume)  # here, not in N processes: one message, exit 2
-        config = distributed.check(recipe.run.batch_size, args.num_processes, recipe.run.accelerate_config, recipe.run.gradient_accumulation_steps)
+        machines = distributed.Machines.check(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+        if machines.rank == 0:  # here, not in N processes: one message, exit 2 (machine 0 writes the run directory)
+            check_run_dir(Path(recipe.run.dir), args.resume)
+        config = distributed.check(recipe.run.batch_size, args.num_processes * machines.count, recipe.run.accelerate_config,
+                                   recipe.run.gradient_accumulation_steps, local_processes=args.num_processes)
         child = ["run", *([args.recipe] if args.recipe else []), *args.overrides, *(["--resume"] if args.resume else [])]
         for path in args.plugin:
             child += ["--plugin", os.path.abspath(path)]
-        return distributed.launch(child, args.num_processes, config)
+        return distributed.launch(child, args.num_processes, config, machines)
     result = Optimizer.from_recipe(recipe).fit(resume=args.resume)
     if not distributed.is_main_process():
         return EXIT_OK

@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rewardkit.errors import UserError, did_you_mean
@@ -62,10 +63,35 @@ def resolve_config(name_or_path: str) -> Path:
     return configs[name_or_path]
 
 
-def check(batch_size: int, num_processes: int, config: str, accumulation: int = 1) -> Path | None:
-    """Validate a distributed request before any process starts; returns the config to use."""
-    if num_processes < 1:
-        raise UserError(f"--num-processes must be at least 1, got {num_processes}")
+@dataclass(frozen=True)
+class Machines:
+    """The machines of a multi-node run (count 1: this machine alone)."""
+
+    count: int = 1
+    rank: int = 0
+    main_ip: str | None = None
+    main_port: int = 29500
+
+    @classmethod
+    def check(cls, count: int, rank: int, main_ip: str | None, main_port: int) -> "Machines":
+        if count < 1:
+            raise UserError(f"--num-machines must be at least 1, got {count}")
+        if not 0 <= rank < count:
+            raise UserError(f"--machine-rank {rank} is not one of the {count} machines (0..{count - 1})")
+        if count > 1 and not main_ip:
+            raise UserError("--num-machines > 1 needs --main-process-ip, the address of machine 0 (the same on every machine)")
+        if not 0 < main_port < 65536:
+            raise UserError(f"--main-process-port {main_port} is not a port number")
+        return cls(count, rank, main_ip, main_port)
+
+
+def check(batch_size: int, num_processes: int, config: str, accumulation: int = 1, local_processes: int | None = None) -> Path | None:
+    """Validate a distributed request before any process starts; returns the config to use.
+
+    `num_processes` counts every process of the run (all machines); `local_processes` those of this machine."""
+    local = num_processes if local_processes is None else local_processes
+    if local < 1:
+        raise UserError(f"--num-processes must be at least 1, got {local}")
     if batch_size % num_processes:
         raise UserError(
             f"run.batch_size = {batch_size} does not divide evenly over {num_processes} processes; "
@@ -98,8 +124,8 @@ def check(batch_size: int, num_processes: int, config: str, accumulation: int = 
                 "on CPU, data parallelism runs with the 'ddp' config (gloo)"
             )
         return None
-    if num_processes > torch.cuda.device_count():
-        raise UserError(f"--num-processes {num_processes} asks for more processes than the {torch.cuda.device_count()} GPUs here")
+    if local > torch.cuda.device_count():
+        raise UserError(f"--num-processes {local} asks for more processes than the {torch.cuda.device_count()} GPUs here")
     return config_path
 
 
@@ -121,18 +147,22 @@ def _read_config(path: Path) -> dict:
     return data
 
 
-def launch(rewardkit_args: list[str], num_processes: int, config_path: Path | None) -> int:
-    """Start `rewardkit ARGS` in `num_processes` processes; returns the exit code."""
-    port = str(_free_port())
+def launch(rewardkit_args: list[str], num_processes: int, config_path: Path | None, machines: Machines = Machines()) -> int:
+    """Start `rewardkit ARGS` in `num_processes` processes on this machine (of `machines.count`); returns the exit code."""
+    multi = machines.count > 1
+    port = str(machines.main_port if multi else _free_port())
+    address = machines.main_ip if multi else "127.0.0.1"
     env = dict(os.environ)
     if config_path is None:  # CPU: torchrun + accelerate's CPU mode, gloo backend
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(num_processes),
-               "--master-addr", "127.0.0.1", "--master-port", port]
-    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(machines.count), "--node-rank", str(machines.rank),
+               "--nproc-per-node", str(num_processes), "--master-addr", address, "--master-port", port]
+    else:  # accelerate counts processes over all machines
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-               "--num_processes", str(num_processes), "--main_process_port", port]
+               "--num_processes", str(num_processes * machines.count), "--main_process_port", port]
+        if multi:
+            cmd += ["--num_machines", str(machines.count), "--machine_rank", str(machines.rank), "--main_process_ip", address]
     cmd += ["-m", "rewardkit", *rewardkit_args]
     return subprocess.call(cmd, env=env)
 

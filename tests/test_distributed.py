@@ -155,3 +155,35 @@ def test_two_processes_accumulating_equal_one_process_with_the_whole_update(tmp_
     moved = weights(tmp_path / "one", 4) - start.generator.logits.detach()
     assert float(moved.abs().max()) > 1e-3
     torch.testing.assert_close(weights(tmp_path / "two", 4), weights(tmp_path / "one", 4), rtol=1e-5, atol=1e-6)
+
+
+def test_two_machines_equal_one_process_with_the_combined_batch(tmp_path, write_recipe):
+    """Multi-node: two single-process "machines" on 127.0.0.1, each started with the same command and its own
+    --machine-rank, take the steps one process takes with their combined batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    path = str(write_recipe(recipe(tmp_path / "two", steps=4)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "rewardkit", "run", path, "--num-machines", "2", "--machine-rank", str(rank),
+                               "--main-process-ip", "127.0.0.1", "--main-process-port", port],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[0][0].count("done: step 4") == 1 and "done:" not in outputs[1][0], "only machine 0's rank 0 reports"
+    Optimizer.from_recipe(recipe(tmp_path / "one", steps=4)).fit()
+    torch.testing.assert_close(weights(tmp_path / "two", 4), weights(tmp_path / "one", 4), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_multi_node_settings_exit_2(tmp_path, write_recipe, capsys):
+    path = str(write_recipe(recipe(tmp_path / "run")))
+    for args, message in ((["--num-machines", "2"], "needs --main-process-ip"),
+                          (["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "127.0.0.1"], "--machine-rank 2 is not one of the 2 machines"),
+                          (["--num-machines", "3", "--main-process-ip", "127.0.0.1"], "run.batch_size = 4 does not divide evenly over 3 processes")):
+        assert main(["run", path, *args]) == 2
+        assert message in capsys.readouterr().err

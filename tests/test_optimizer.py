@@ -275,3 +275,17 @@ def test_eval_rewards_reuse_training_rewards_whatever_their_options_hold(tmp_pat
     recipe["eval"] = {"prompts": ["a red square"], "rewards": {"held_out": {"type": "dict_reward", "settings": {"a": 1}}}}
     opt = Optimizer.from_recipe(load_recipe(recipe, registry=registry))
     assert opt.eval_rewards["held_out"] is opt.rewards["dict_reward"]
+
+
+def test_phase_timings_wait_for_cuda_and_only_for_cuda(monkeypatch):
+    """CUDA runs asynchronously: a phase's time must include its own kernels, so the clock synchronizes first."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    opt = Optimizer.__new__(Optimizer)
+    for kind, expected in (("cpu", 0), ("cuda", 1)):
+        calls.clear()
+        opt.accelerator = SimpleNamespace(device=SimpleNamespace(type=kind))
+        opt._clock()
+        assert len(calls) == expected, kind
