@@ -65,13 +65,13 @@ class SavedBytes:
         self._ctx.__exit__(*exc)
 
 
-def bench_one(cls, model, *, training, mode, checkpointing, size, steps, batch, repeat, device):
+def bench_one(cls, model, *, training, mode, checkpointing, size, steps, batch, repeat, device, prompt_cache=4096):
     from rewardkit.regularizers.intermediate_step import IntermediateStep
     from rewardkit.regularizers.weight_l2 import WeightL2
     from rewardkit.rewards.color import Color
 
     gen = cls(model=model, training=training, num_steps=steps, lora_rank=8, gradient_checkpointing=checkpointing,
-              height=size, width=size, grad_steps=1 if mode == "last" else None)
+              height=size, width=size, grad_steps=1 if mode == "last" else None, prompt_cache=prompt_cache)
     gen.setup(["a"], 0)
     gen.to(device)
     l2, reward = WeightL2(weight=1.0), Color().to(device)
@@ -128,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--prompt-cache", type=int, default=4096, help="generator.prompt_cache (0: encode the prompts at every step)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,10 +156,10 @@ def main(argv=None):
     print("|" + "---|" * (9 if cuda else 8))
     for family, (cls, model) in models.items():
         for training in ("lora", "full"):
-            for mode in MODES:
+            for mode in args.modes.split(","):
                 for checkpointing in (False, True):
                     r = bench_one(cls, model, training=training, mode=mode, checkpointing=checkpointing, size=args.size,
-                                  steps=args.steps, batch=args.batch, repeat=args.repeat, device=device)
+                                  steps=args.steps, batch=args.batch, repeat=args.repeat, device=device, prompt_cache=args.prompt_cache)
                     label = {"all": f"all {args.steps} steps", "last": "last step", "intermediate": "random step (R0+)", "deep": "every step's x0 (R0+, deep)"}[mode]
                     line = (f"| {family} | {training} | {label} | {'on' if checkpointing else 'off'} | {r['cpu_ms']:.0f} | {r['time_ms']:.0f} | "
                             f"{r['activations_mb']:.2f} | {r['train_state_mb']:.2f} |")

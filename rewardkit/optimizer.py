@@ -360,6 +360,7 @@ class Optimizer:
         gen = self.generator
         gen.setup(self.prompts, run.seed)
         gen.to(acc.device)
+        gen.prepare_prompts([*self.prompts, *self.sample_prompts, *(self.evaluation.prompts if self.evaluation else [])])
         for reg in self.regularizers.values():
             reg.setup(gen)
         for reward in {id(r): r for r in [*self.rewards.values(), *self.eval_rewards.values()]}.values():  # a shared model once

@@ -316,6 +316,48 @@ def test_sd3_noise_levels_are_the_schedulers_own(tiny_sd3, dynamic):
     assert bool((levels["sigma"] > u).all()) or dynamic  # SD3's shift 3 moves every level up
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_prompt_embeddings_are_computed_once_and_the_encoders_can_be_freed(models, family):
+    """Frozen text encoders: a cached embedding is what encoding gives (images equal bit for bit, guidance on),
+    a cached prompt is not encoded again, and after text_encoders = 'free' the encoders are gone."""
+    cls, model = models[family]
+    options = {"num_steps": 2, "guidance_scale": 3.0, "negative_prompt": "blurry"}
+    plain = build(cls, model, prompt_cache=0, **options)
+    cached = build(cls, model, **options)
+    noise = noise_for(plain)
+    calls = []
+    for name, module in cached.pipe.components.items():
+        if name.startswith("text_encoder") and module is not None:
+            module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+    with torch.no_grad():
+        want = plain(PROMPTS, noise, plain.sample_options())
+        first = cached(PROMPTS, noise, cached.sample_options())
+        n_first = len(calls)
+        second = cached(PROMPTS[::-1], noise.flip(0), cached.sample_options())
+    assert n_first > 0 and len(calls) == n_first, "the second call encodes nothing"
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second[1], want[0], rtol=0, atol=0)
+
+    freed = build(cls, model, text_encoders="free", **options)
+    before = sum(p.numel() for p in freed.parameters())
+    freed.prepare_prompts(PROMPTS)
+    assert not any(n.startswith("text_encoder") for n, _ in freed.named_parameters())
+    assert sum(p.numel() for p in freed.parameters()) < before
+    with torch.no_grad():
+        torch.testing.assert_close(freed(PROMPTS, noise, freed.sample_options()), want, rtol=0, atol=0)
+    with pytest.raises(UserError, match=r"prompt 'a green frog' was not encoded at setup, and the text encoders were freed"):
+        freed(["a green frog"], noise[:1], freed.sample_options())
+
+
+def test_the_prompt_cache_keeps_its_size(tiny_sd):
+    gen = build(StableDiffusion, tiny_sd, num_steps=1, prompt_cache=2)
+    noise = noise_for(gen, 1)
+    with torch.no_grad():
+        for prompt in ("a", "b", "c", "b", "d"):
+            gen([prompt], noise, gen.sample_options())
+    assert list(gen._embedding_cache) == ["b", "d"]  # least recently used dropped first
+
+
 # --- weight_l2 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 @pytest.mark.parametrize("training", ["lora", "full"])

@@ -76,6 +76,10 @@ class Generator(Configurable, torch.nn.Module):
         """Build or initialize the model; called once before training and
         before any checkpoint is loaded. `prompts` is the training set."""
 
+    def prepare_prompts(self, prompts: Sequence[str]) -> None:
+        """Every prompt the run will use (training, sample and evaluation), after `setup` and the move to the
+        device; a generator may encode them once here (diffusion: text_encoders = 'free')."""
+
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of one sample's input noise."""
         raise NotImplementedError

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from rewardkit import sampler
 from rewardkit.distributed import agree_max, full_tensor, is_sharded, lora_squared_norm
@@ -73,6 +73,12 @@ class DiffusionOptions(PluginOptions):
     weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of the frozen weights (text encoders, VAE, the denoiser's base under LoRA).
     Trainable weights stay float32 (master weights); compute precision follows run.mixed_precision."""
+    prompt_cache: NonNegativeInt = 4096
+    """Text-encoder outputs kept per prompt (least recently used dropped; 0: encode every time). The encoders
+    are frozen, so a cached embedding is the one encoding would give; entries live in CPU memory."""
+    text_encoders: Literal["keep", "free"] = "keep"
+    """'free': encode every prompt the run uses (training, sample and eval prompts, the negative prompt) at
+    setup, then drop the text encoders from memory (SD3's T5-XXL: 9.5 GB in bf16); other prompts are then refused."""
     vae_decode: Literal["full", "sliced", "tiled"] = "full"
     """'sliced': decode one image at a time; 'tiled': decode in overlapping tiles (large images)."""
 
@@ -257,7 +263,7 @@ class DiffusionGenerator(Generator):
         K = options.num_steps or self.options.num_steps
         schedule = self.schedule(K, noise.device)
         with torch.no_grad():
-            cond = self._encode(list(prompts), noise.device)
+            cond = self._conditioning(list(prompts), noise.device)
         return sampler.sample(
             lambda x, k, rows: self._predict(x, schedule, k, cond if rows is None else _rows_of(cond, rows, len(prompts))),
             noise, schedule["alpha"], schedule["sigma"], options.eta,
@@ -303,11 +309,72 @@ class DiffusionGenerator(Generator):
         alpha, sigma = lv["alpha"].view(shape), lv["sigma"].view(shape)
         x_t = alpha * latents + sigma * noise
         with torch.no_grad():
-            cond = self._encode(list(prompts), latents.device, negative=[negative_prompt] * len(prompts))
+            cond = self._conditioning(list(prompts), latents.device, negative=negative_prompt)
             out = self._network(torch.cat([x_t, x_t]), torch.cat([lv["timesteps"], lv["timesteps"]]), cond, base=True)
             _, eps = self._x0_eps(torch.cat([x_t, x_t]), out, torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
         eps_negative, eps_cond = eps.chunk(2)
         return -(eps_cond - eps_negative) / sigma
+
+    # --- prompt embeddings: computed once ---------------------------------------------
+    def prepare_prompts(self, prompts: Sequence[str]) -> None:
+        """Every prompt the run will use; with text_encoders = 'free', encode them all now and drop the encoders."""
+        if self.options.text_encoders != "free":
+            return
+        wanted = list(dict.fromkeys([*prompts, self.options.negative_prompt]))
+        device = next(self.vae.parameters()).device
+        for start in range(0, len(wanted), 64):
+            self._cache_embeddings(wanted[start : start + 64], device, keep=None)
+        for name in [n for n in self.pipe.components if n.startswith("text_encoder")]:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+                del self._modules[name]
+        self._encoders_freed = True
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("encoded %d prompts and freed the text encoders (generator.text_encoders = 'free')", len(wanted))
+
+    def _conditioning(self, prompts: list[str], device, negative: str | None = None):
+        """`_encode` through the per-prompt cache: [negative; prompts] when guided (the sampler's own guidance,
+        or `negative` given), else prompts; what `_encode` would give for the whole batch."""
+        if negative is None and self.options.guidance_scale != 1.0:
+            negative = self.options.negative_prompt
+        if not self.options.prompt_cache and not getattr(self, "_encoders_freed", False):
+            return self._encode(prompts, device, negative=[negative] * len(prompts) if negative is not None else [])
+        rows = prompts if negative is None else [negative] * len(prompts) + prompts
+        cache, unique = self._prompt_embeddings(), list(dict.fromkeys(rows))
+        missing = [p for p in unique if p not in cache]
+        if missing and getattr(self, "_encoders_freed", False):
+            raise UserError(
+                f"prompt {missing[0]!r} was not encoded at setup, and the text encoders were freed (generator.text_encoders = 'free'); "
+                "list it among the run's prompts, or keep the encoders"
+            )
+        for p in unique:  # the batch's own entries are the most recent: never the ones dropped below
+            if p in cache:
+                cache.move_to_end(p)
+        if missing:
+            self._cache_embeddings(missing, device, keep=len(unique))
+        parts = zip(*(cache[p] for p in rows))
+        out = tuple(torch.stack(part).to(device, non_blocking=True) for part in parts)
+        return out if len(out) > 1 else out[0]
+
+    def _prompt_embeddings(self):
+        from collections import OrderedDict
+
+        if not hasattr(self, "_embedding_cache"):
+            self._embedding_cache = OrderedDict()
+        return self._embedding_cache
+
+    def _cache_embeddings(self, prompts: list[str], device, keep: int | None) -> None:
+        """Encode `prompts` into the cache; then drop the least recently used entries past the cache's size
+        (but never the `keep` most recent ones; None: drop nothing)."""
+        cache = self._prompt_embeddings()
+        with torch.no_grad():
+            out = self._encode(prompts, device, negative=[])
+        out = out if isinstance(out, tuple) else (out,)
+        for i, p in enumerate(prompts):
+            cache[p] = tuple(t[i].to("cpu") for t in out)
+        while keep is not None and len(cache) > max(self.options.prompt_cache, keep):
+            cache.popitem(last=False)
 
     def _call_denoiser(self, base: bool, *args, **kwargs):
         """The denoiser's forward, as trained (base = False) or as the frozen base theta_0 (no second copy of it is made)."""
