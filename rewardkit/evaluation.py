@@ -141,17 +141,27 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
 
 
 def load_images(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Images as a float (N, 3, H, W) tensor in [0, 1]; all must share a size unless `size` is given."""
+    """Images as a float (N, 3, H, W) tensor in [0, 1]; all must share a size unless `size` is given, in which
+    case each is centre-cropped to a square and resized to it (never squashed)."""
     from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor, resize
+    from torchvision.transforms.functional import pil_to_tensor
 
     tensors = []
     for p in paths:
-        t = pil_to_tensor(Image.open(p).convert("RGB")).float() / 255
-        if size is not None and tuple(t.shape[-2:]) != tuple(size):
-            t = resize(t, list(size), antialias=True)
-        tensors.append(t)
+        with Image.open(p) as im:
+            t = pil_to_tensor(im.convert("RGB")).float() / 255
+        tensors.append(t if size is None else _square_resize(t, size))
     return torch.stack(tensors)
+
+
+def _square_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop to a square, then an antialiased resize (the clean-fid / torch-fidelity users' convention)."""
+    from torchvision.transforms.functional import center_crop, resize
+
+    h, w = images.shape[-2:]
+    if h != w:
+        images = center_crop(images, [min(h, w)] * 2)
+    return images if tuple(images.shape[-2:]) == tuple(size) else resize(images, list(size), antialias=True)
 
 
 # --- metrics -------------------------------------------------------------------
@@ -177,6 +187,22 @@ def score_rewards(rewards: dict, images: torch.Tensor, prompts: Sequence[str], b
                 [reward(images[i : i + batch_size].to(device), list(prompts[i : i + batch_size])).float().cpu() for i in range(0, len(images), batch_size)]
             )
     return scores
+
+
+def score_files(rewards: dict, fid: "FID | None", paths: Sequence[Path], prompts: Sequence[str], batch_size: int) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Every metric on saved images, streamed: one batch of images in memory at a time, whatever their number
+    (COCO-5k at 1024 px would be 63 GB of float32)."""
+    parts: dict[str, list] = {label: [] for label in rewards}
+    if fid is not None:
+        fid.metric.reset()  # fake features only: the reference is kept (reset_real_features=False)
+    for i in range(0, len(paths), batch_size):
+        images = load_images(paths[i : i + batch_size])
+        for label, s in score_rewards(rewards, images, prompts[i : i + batch_size], batch_size).items():
+            parts[label].append(s)
+        if fid is not None:
+            fid.metric.update(_inception_input(images), real=False)
+    scores = {label: torch.cat(chunks) for label, chunks in parts.items()}
+    return scores, (float(fid.metric.compute()) if fid is not None else None)
 
 
 class FID:
@@ -234,12 +260,8 @@ class FID:
 
 
 def _inception_input(images: torch.Tensor) -> torch.Tensor:
-    """Real and generated images take the same path: antialiased resize to 299 px, then 8 bits."""
-    from torchvision.transforms.functional import resize
-
-    if tuple(images.shape[-2:]) != INCEPTION_SIZE:
-        images = resize(images, list(INCEPTION_SIZE), antialias=True)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    """Real and generated images take the same path: centre-cropped to a square, antialiased resize to 299 px, 8 bits."""
+    return (_square_resize(images, INCEPTION_SIZE).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _inception_weights(path: str | Path | None) -> Path:
@@ -298,14 +320,13 @@ def evaluate(
     rows = []
     for spec in specs:
         paths, ms, key = generate_or_reuse(spec, registry, prompts, n, steps, seed, out, batch_size)
-        images = load_images(paths)
         expanded_prompts = [p for p in prompts for _ in range(n)]
         expanded_styles = [s for s in styles for _ in range(n)]
-        scores = score_rewards(rewards, images, expanded_prompts, batch_size)
+        scores, fid_value = score_files(rewards, fid, paths, expanded_prompts, batch_size)
         row = Row(spec.label, steps if steps is not None else _default_steps(spec, registry), ms_per_image=ms, images=str(paths[0].parent))
         row.metrics = {label: float(s.mean()) for label, s in scores.items()}
-        if fid is not None:
-            row.metrics["fid"] = fid.score(images)
+        if fid_value is not None:
+            row.metrics["fid"] = fid_value
         for style in sorted({s for s in expanded_styles if s is not None}):
             mask = torch.tensor([s == style for s in expanded_styles])
             row.by_style[style] = {label: float(s[mask].mean()) for label, s in scores.items()}

@@ -189,3 +189,46 @@ def test_eval_section_errors_name_the_key(tmp_path, write_recipe, capsys):
     recipe = pixels_recipe(tmp_path / "run", eval={"every": 2, "prompts": ["x"], "rewards": {"hsp": {}}})
     assert main(["validate", str(write_recipe(recipe))]) == 2
     assert "eval.rewards.hsp.type: no reward plugin named 'hsp'" in capsys.readouterr().err
+
+
+def test_eval_holds_one_batch_of_images_at_a_time(trained_run, tmp_path, inception_weights, monkeypatch):
+    """Streaming: however many images a row has, no more than --batch-size of them are in memory at once,
+    and the scores are those of the whole set at once."""
+    from rewardkit import evaluation
+
+    loaded, real = [], evaluation.load_images
+    monkeypatch.setattr(evaluation, "load_images", lambda paths, size=None: loaded.append(len(paths)) or real(paths, size))
+    run = trained_run / "run"
+    args = ["eval", str(run), "--prompts", str(trained_run / "prompts.txt"), "-n", "5", "--batch-size", "4", "--metrics", "smoothness,fid",
+            "--reference", str(run / "samples"), "--fid-weights", str(inception_weights), "--fid-dims", "64", "--out", str(tmp_path / "ev")]
+    assert main(args) == 0
+    assert sum(loaded) >= 15 and max(loaded) <= 4, loaded  # 15 generated images (and the reference), 4 at a time at most
+    streamed = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]["metrics"]
+
+    paths = sorted((tmp_path / "ev" / "images").glob("*/*.png"))
+    images = real(paths)
+    from rewardkit.rewards.smoothness import Smoothness
+
+    prompts = [p for p in ["a red square", "a blue square", "a green square"] for _ in range(5)]
+    assert streamed["smoothness"] == pytest.approx(float(Smoothness()(images, prompts).mean()), rel=1e-5)
+    fid = FID(inception_weights, 64)
+    fid.add_reference(run / "samples")
+    assert streamed["fid"] == pytest.approx(fid.score(images), rel=1e-4)
+
+
+def test_non_square_references_are_centre_cropped_not_squashed(tmp_path):
+    """A 2:1 reference photo enters FID as its centre square, resized: what the generated (square) images are."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import resize
+
+    from rewardkit.evaluation import load_images
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)  # H 40, W 80
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    got = load_images([tmp_path / "wide.png"], size=(32, 32))[0]
+    centre = torch.from_numpy(wide[:, 20:60].copy()).permute(2, 0, 1).float() / 255  # the middle 40 x 40, cut by hand
+    torch.testing.assert_close(got, resize(centre, [32, 32], antialias=True), rtol=0, atol=1e-6)
+    squashed = resize(torch.from_numpy(wide).permute(2, 0, 1).float() / 255, [32, 32], antialias=True)
+    assert float((got - squashed).abs().max()) > 0.1
