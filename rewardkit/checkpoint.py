@@ -4,6 +4,7 @@
         generator.safetensors   trainable weights
         optimizer.pt            optimizer + LR schedule state, fp16 loss scale (loaded weights_only)
         rng.safetensors         data-sampling and torch RNG states
+        generator_ema.safetensors   the EMA of the trainable weights (optimizer.ema_decay only)
         state.json              step and counters; written last
 
 Everything is written into a hidden temporary folder, flushed to disk, and
@@ -24,13 +25,14 @@ from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 COMPLETE_MARKER = "state.json"
+EMA_FILE = "generator_ema.safetensors"
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng_state, state: dict, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng_state, state: dict, keep: int, ema_state=None) -> Path:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -41,6 +43,8 @@ def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng
     save_file({k: v.detach().cpu().contiguous() for k, v in generator_state.items()}, tmp / "generator.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     save_file(rng_state, tmp / "rng.safetensors")
+    if ema_state is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, tmp / EMA_FILE)
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **state}, indent=2))
     for f in tmp.iterdir():
         fsync(f)
@@ -80,6 +84,11 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     rng_state = load_file(path / "rng.safetensors")
     return generator_state, optimizer_state, rng_state, state
+
+
+def load_ema(path: Path) -> dict | None:
+    """The EMA weights of a checkpoint, or None when the run kept none."""
+    return load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
 
 
 def fsync(path: Path) -> None:

@@ -58,6 +58,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4, help="number of images (default 4)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action="store_true", help="use the moving average of the weights (runs with optimizer.ema_decay)")
 
     p = sub.add_parser(
         "export", parents=[common], help="export a trained generator to diffusers formats",
@@ -67,6 +68,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", required=True, choices=["diffusers", "lora"])
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    p.add_argument("--ema", action="store_true", help="use the moving average of the weights (runs with optimizer.ema_decay)")
 
     p = sub.add_parser(
         "eval", parents=[common], help="score generators on a prompt set (the paper's table)",
@@ -87,6 +89,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE", help="an option of a metric's reward plugin (repeatable)")
+    p.add_argument("--ema", action="store_true", help="run-directory generators use the moving average of their weights (runs with optimizer.ema_decay)")
 
     p = sub.add_parser(
         "train-hires", help="train the high-resolution classifier of R0+ on your images",
@@ -260,7 +263,7 @@ def cmd_sample(args) -> int:
 
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
-    generator, _, checkpoint = load_generator(args.path, registry=load_registry(args.plugin))
+    generator, _, checkpoint = load_generator(args.path, registry=load_registry(args.plugin), ema=args.ema)
     images = generate(generator, [args.prompt] * args.n, fixed_noise(generator, args.n, args.seed))
     out = Path(args.out)
     paths = save_pngs(images, out)
@@ -273,7 +276,7 @@ def cmd_export(args) -> int:
     from rewardkit.export import export
     from rewardkit.plugins import load_registry
 
-    out = export(args.path, args.format, args.out, registry=load_registry(args.plugin))
+    out = export(args.path, args.format, args.out, registry=load_registry(args.plugin), ema=args.ema)
     print(f"exported {args.format} to {out}")
     return EXIT_OK
 
@@ -303,7 +306,7 @@ def cmd_eval(args) -> int:
     evaluate(
         args.generators, args.prompts, names, args.out, load_registry(args.plugin), reference=args.reference,
         steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size,
-        metric_options=args.metric_option, fid_weights=args.fid_weights, fid_dims=args.fid_dims,
+        metric_options=args.metric_option, fid_weights=args.fid_weights, fid_dims=args.fid_dims, ema=args.ema,
     )
     print((Path(args.out) / "results.md").read_text(), end="")
     print(f"written: {Path(args.out) / 'results.md'} and results.json")

@@ -60,13 +60,14 @@ class GeneratorSpec:
     text: str
     label: str
     identity: dict
+    ema: bool = False
 
     def build(self, registry, prompts: Sequence[str], seed: int):
         path = Path(self.text)
         if path.exists():
             from rewardkit.rundir import load_generator
 
-            return load_generator(path, registry)[0]
+            return load_generator(path, registry, ema=self.ema)[0]
         from rewardkit.options import validate_plugin_options
 
         kind, _, rest = self.text.partition(":")
@@ -84,16 +85,16 @@ class GeneratorSpec:
         return generator.to(default_device()).eval()
 
 
-def parse_generator_spec(text: str) -> GeneratorSpec:
+def parse_generator_spec(text: str, ema: bool = False) -> GeneratorSpec:
     path = Path(text)
     if (path / "state.json").is_file() or (path / "recipe.toml").is_file():
         from rewardkit.rundir import resolve_run_path
 
         _, ckpt = resolve_run_path(path)
         weights = ckpt / "generator.safetensors"
-        identity = {"checkpoint": str(ckpt.resolve()), "mtime_ns": weights.stat().st_mtime_ns, "size": weights.stat().st_size}
+        identity = {"checkpoint": str(ckpt.resolve()), "mtime_ns": weights.stat().st_mtime_ns, "size": weights.stat().st_size, **({"ema": True} if ema else {})}
         label = path.name if ckpt != path else f"{path.parent.parent.name}@{path.name}"
-        return GeneratorSpec(text, label, identity)
+        return GeneratorSpec(text, label + (" (EMA)" if ema else ""), identity, ema)
     if ":" in text and not path.exists():
         return GeneratorSpec(text, text.split(",")[0], {"spec": text})
     raise UserError(
@@ -299,13 +300,14 @@ def evaluate(
     metric_options: Sequence[str] = (),
     fid_weights: str | Path | None = None,
     fid_dims: int = 2048,
+    ema: bool = False,
 ) -> list[Row]:
     from rewardkit.prompts import read_prompts
 
     out = Path(out)
     prompts, styles = read_prompts(prompts_path)
     metrics = resolve_metrics(metrics, registry)
-    specs = [parse_generator_spec(g) for g in generators]  # all checked before any model loads
+    specs = [parse_generator_spec(g, ema) for g in generators]  # all checked before any model loads
     fid = None
     if "fid" in metrics:
         if reference is None:

@@ -24,14 +24,14 @@ from rewardkit.rundir import load_generator
 FORMATS = ("diffusers", "lora")
 
 
-def export(path: str | Path, format: str, out: str | Path, registry) -> Path:
-    """Export the generator of a run directory (or checkpoint folder) to `out`; returns `out`."""
+def export(path: str | Path, format: str, out: str | Path, registry, ema: bool = False) -> Path:
+    """Export the generator of a run directory (or checkpoint folder) to `out` (`ema`: its averaged weights); returns `out`."""
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
-    generator, _, checkpoint = load_generator(path, registry=registry)
+    generator, _, checkpoint = load_generator(path, registry=registry, ema=ema)
     if not isinstance(generator, DiffusionGenerator):
         raise UserError(f"generator '{generator.name}' cannot be exported: only diffusion generators (sd, sd3) write diffusers formats")
     out.mkdir(parents=True, exist_ok=True)

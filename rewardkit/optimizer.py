@@ -12,7 +12,8 @@ read top to bottom in `_step` and `_micro_step`:
   4. let regularizers transform the g_i (e.g. per-sample normalization),
      form the rewards' loss (`_reward_loss`: pathwise, -<stopgrad(sum w_i g_i), x> / B),
      add the regularizers' penalties, backward;
-  5. one optimizer step on the summed gradients (`_apply_update`);
+  5. one optimizer step on the summed gradients (`_apply_update`), then the
+     weights' moving average (optimizer.ema_decay);
   6. log; at intervals evaluate, write sample grids and atomic checkpoints.
 
 The rewards never see the generator's graph: their gradients are taken with
@@ -36,7 +37,8 @@ import torch
 from pydantic import ValidationError
 
 from rewardkit import distributed
-from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, save_checkpoint
+from rewardkit.ema import EMA
 from rewardkit.errors import RecipeError, TrainingDiverged, UserError
 from rewardkit.images import fixed_noise, generate, optimized_batches, save_grid, save_pngs
 from rewardkit.metrics import MetricsLog, read_metrics
@@ -184,6 +186,8 @@ class Optimizer:
 
         # 5. one optimizer step for the update (skipped, not applied, when any micro-batch was non-finite)
         applied, param_grad_norm = self._apply_update(all(m["finite"] for m in micro))
+        if applied and self.ema is not None:
+            self.ema.update(self._trainable(), step)
         t4 = self._clock()
 
         # 6. log; at intervals evaluate, draw a grid, checkpoint
@@ -392,8 +396,14 @@ class Optimizer:
         self.sharded = acc.distributed_type == DistributedType.FSDP
         self.draws = self.main or self.sharded
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = None
+        if self.optim.ema_decay is not None:
+            if self.optim.ema_device == "cpu" and self.sharded:
+                raise UserError("optimizer.ema_device = 'cpu' is not supported under FSDP (each process averages its shards in place); use 'accelerator'")
+            self.ema = EMA(self._trainable(), self.optim.ema_decay, self.optim.ema_device)
         if optim_state is not None:
             self._restore_optimizer(optim_state, state)
+            self._restore_ema(checkpoint)
         if run.trackers:
             acc.init_trackers("rewardkit")
 
@@ -433,6 +443,19 @@ class Optimizer:
             self.schedule = _lr_schedule(self.optim, optim.optimizer, self.run.steps)
             _fast_forward(self.schedule, state["step"])
 
+    def _trainable(self):
+        return [(n, p) for n, p in self.generator.named_parameters() if p.requires_grad]
+
+    def _restore_ema(self, checkpoint: Path) -> None:
+        if self.ema is None:
+            return
+        saved = load_ema(checkpoint)
+        if saved is None:  # EMA switched on for a resumed run: it starts from the weights as they are
+            log.info("%s has no EMA weights: the average starts from the resumed weights", checkpoint)
+            self.ema = EMA(self._trainable(), self.optim.ema_decay, self.optim.ema_device)
+        else:
+            self.ema.load_state_dict(saved)
+
     def _save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
         # whole tensors and FQN-keyed optimizer state, gathered from the shards under FSDP (then every
@@ -440,6 +463,7 @@ class Optimizer:
         if self.main or self.sharded:
             weights = self.generator.trainable_state_dict()
             optimizer_state = distributed.optimizer_state(self.generator, self.torch_optimizer.optimizer)
+            ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.main:
             save_checkpoint(
                 self.run_dir / "checkpoints",
@@ -451,6 +475,7 @@ class Optimizer:
                 {"data": self.data_rng.get_state(), "torch": torch.get_rng_state()},
                 {"nonfinite_total": self.nonfinite_total, "total_steps": self.run.steps},
                 keep=self.run.keep_checkpoints,
+                ema_state=ema_state,
             )
 
     def _finish(self, record: dict, start_step: int) -> FitResult:

@@ -86,6 +86,11 @@ class OptimizerSection(_Section):
     max_grad_norm: PositiveFloat | None = None
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: NonNegativeInt = 0
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    """Keep an exponential moving average of the trainable weights with this decay (e.g. 0.999; warm-up
+    min(decay, (1 + t) / (10 + t))), saved in checkpoints and used by `sample / export / eval --ema`."""
+    ema_device: Literal["accelerator", "cpu"] = "accelerator"
+    """Where the average lives: next to the weights, or in CPU memory (saves accelerator memory, costs a copy per step)."""
 
 
 class _PluginTable(BaseModel):

@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from rewardkit.checkpoint import latest_checkpoint, load_checkpoint
+from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema
 from rewardkit.errors import UserError
 from rewardkit.recipe import load_recipe
 
@@ -90,11 +90,12 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
     raise UserError(f"{path} is neither a run directory (with recipe.toml) nor a checkpoint (with state.json)")
 
 
-def load_generator(path: str | Path, registry):
+def load_generator(path: str | Path, registry, ema: bool = False):
     """The trained generator of a run directory (newest checkpoint) or of one checkpoint.
 
     Returns (generator, recipe, checkpoint path), the generator set up exactly
-    as in training and with the checkpoint's weights loaded, in eval mode.
+    as in training and with the checkpoint's weights loaded (`ema`: the moving
+    average of them), in eval mode.
     """
     from rewardkit.images import default_device
 
@@ -102,5 +103,11 @@ def load_generator(path: str | Path, registry):
     recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
     generator = recipe.generator.build()
     generator.setup(recipe.prompts, recipe.run.seed)
-    generator.load_trainable_state_dict(load_checkpoint(checkpoint)[0])
+    if ema:
+        weights = load_ema(checkpoint)
+        if weights is None:
+            raise UserError(f"{checkpoint} has no EMA weights: the run did not set optimizer.ema_decay (leave out --ema)")
+    else:
+        weights = load_checkpoint(checkpoint)[0]
+    generator.load_trainable_state_dict(weights)
     return generator.to(default_device()).eval(), recipe, checkpoint
