@@ -75,7 +75,8 @@ class DiffusionOptions(PluginOptions):
     Trainable weights stay float32 (master weights); compute precision follows run.mixed_precision."""
     prompt_cache: NonNegativeInt = 4096
     """Text-encoder outputs kept per prompt (least recently used dropped; 0: encode every time). The encoders
-    are frozen, so a cached embedding is the one encoding would give; entries live in CPU memory."""
+    are frozen, so a cached embedding is the one encoding would give; entries live in CPU memory. Not under
+    FSDP, where sharded encoders must run on every process alike (text_encoders = 'free' works there)."""
     text_encoders: Literal["keep", "free"] = "keep"
     """'free': encode every prompt the run uses (training, sample and eval prompts, the negative prompt) at
     setup, then drop the text encoders from memory (SD3's T5-XXL: 9.5 GB in bf16); other prompts are then refused."""
@@ -338,7 +339,10 @@ class DiffusionGenerator(Generator):
         or `negative` given), else prompts; what `_encode` would give for the whole batch."""
         if negative is None and self.options.guidance_scale != 1.0:
             negative = self.options.negative_prompt
-        if not self.options.prompt_cache and not getattr(self, "_encoders_freed", False):
+        freed = getattr(self, "_encoders_freed", False)
+        # Under FSDP the encoders' forward is a collective: a cache hit on one process and a miss on another
+        # would deadlock, so sharded encoders encode every batch (text_encoders = 'free' encodes before sharding).
+        if not freed and (not self.options.prompt_cache or self._encoders_sharded()):
             return self._encode(prompts, device, negative=[negative] * len(prompts) if negative is not None else [])
         rows = prompts if negative is None else [negative] * len(prompts) + prompts
         cache, unique = self._prompt_embeddings(), list(dict.fromkeys(rows))
@@ -356,6 +360,10 @@ class DiffusionGenerator(Generator):
         parts = zip(*(cache[p] for p in rows))
         out = tuple(torch.stack(part).to(device, non_blocking=True) for part in parts)
         return out if len(out) > 1 else out[0]
+
+    def _encoders_sharded(self) -> bool:
+        encoders = [m for n, m in self.pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+        return any(is_sharded(p) for m in encoders for p in m.parameters())
 
     def _prompt_embeddings(self):
         from collections import OrderedDict
