@@ -93,7 +93,7 @@ def _change(r: dict, name: str) -> None:
     elif name in ("r0plus", "r0plus_mean", "r0plus_random"):  # (e): the two readings of R0+ (and deep supervision's weights)
         regs["intermediate_step"] = (
             {"supervision": "random_step", "per_sample": True} if name == "r0plus_random"
-            else {"supervision": "every_step", **({"step_weights": [0.25] * 4} if name == "r0plus_mean" else {})}
+            else {"supervision": "every_step", **({"step_weights": [1 / r["generator"]["num_steps"]] * r["generator"]["num_steps"]} if name == "r0plus_mean" else {})}
         )
         regs["normalize_gradients"] = regs.pop("normalize_gradients")  # keep it last
     elif name in ("cfg", "cfg03"):  # (g): the base model's guidance as an implicit reward
