@@ -2,7 +2,8 @@
 
     e_0 = theta_0,    e_t = d_t e_{t-1} + (1 - d_t) theta_t,    d_t = min(decay, (1 + t) / (10 + t))
 
-after the optimizer step t (skipped steps do not count). The warm-up factor
+after the optimizer step of training step t (a skipped, non-finite step does not update the
+average, but t counts it, so a resumed run continues the same sequence). The warm-up factor
 (1 + t) / (10 + t) is the classic one (TensorFlow's ExponentialMovingAverage
 with num_updates, diffusers' EMAModel without `use_ema_warmup`): early on the
 average follows the weights, so it is not dominated by theta_0. Under FSDP

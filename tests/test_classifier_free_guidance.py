@@ -169,5 +169,8 @@ def test_it_needs_a_diffusion_generator_and_cannot_evaluate(tmp_path):
     recipe["eval"] = {"prompts": ["a handwritten digit 1"], "rewards": {"guidance": {"type": "classifier_free_guidance"}}}
     with pytest.raises(RecipeError, match=r"eval.rewards.guidance: classifier_free_guidance gives an image gradient, not a score"):
         load_recipe(recipe, registry=registry)
+    freed = pixels_recipe(tmp_path, generator={"type": "testbed", "text_encoders": "free"}, rewards={"classifier_free_guidance": {"negative_prompt": "blurry"}})
+    with pytest.raises(RecipeError, match=r"negative_prompt: the generator frees its text encoders"):
+        load_recipe(freed, registry=registry)
     with pytest.raises(RecipeError, match="levels"):
         load_recipe(pixels_recipe(tmp_path, generator={"type": "testbed"}, rewards={"classifier_free_guidance": {"levels": [0.5, 0.2]}}), registry=registry)

@@ -160,7 +160,9 @@ def test_accumulation_under_fsdp_equals_one_process_with_the_whole_update(tmp_pa
         return r
 
     Optimizer.from_recipe(recipe(tmp_path / "single", 8, 1)).fit()
-    proc = run_fsdp(write_recipe(recipe(tmp_path / "run", 4, 2)))
+    sharded_recipe = recipe(tmp_path / "run", 4, 2)
+    sharded_recipe["generator"]["text_encoders"] = "free"  # encoded before sharding; FSDP then wraps what is left
+    proc = run_fsdp(write_recipe(sharded_recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
     for k in single:

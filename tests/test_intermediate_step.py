@@ -87,7 +87,7 @@ def test_a_generator_without_deep_supervision_is_refused(tmp_path):
     ({}, {"grad_steps": 1}, r"keeps the gradient through the whole chain, but generator.grad_steps = 1 cuts it"),
     ({"steps": [2, 1]}, {}, r"strictly increasing"),
     ({"step_weights": [0.0, 0.0, 0.0]}, {}, r"at least one positive weight"),
-    ({"per_sample": True}, {}, r"per_sample picks the step of supervision = 'random_step'"),
+    ({"per_sample": False}, {}, r"per_sample = false picks one step for the batch"),
 ])
 def test_bad_deep_supervision_options_are_refused_before_anything_loads(tmp_path, options, generator, message):
     from rewardkit.plugins import load_registry

@@ -41,7 +41,8 @@ class IntermediateStepOptions(PluginOptions):
     (default: 1 each: every step's prediction is pulled as hard as R0 pulls its one output; measured
     against 1 / K each in docs/results.md)."""
     per_sample: bool | None = None
-    """'random_step' only: a step per sample (true, the default) or one step for the whole batch."""
+    """'random_step' only: a step per sample (true, the default) or one step for the whole batch (false is refused
+    under 'every_step', which supervises every step of every sample)."""
 
     @field_validator("steps")
     @classmethod
@@ -56,9 +57,9 @@ class IntermediateStepOptions(PluginOptions):
             if self.step_weights is not None:
                 raise ValueError("step_weights weigh the steps of supervision = 'every_step'; 'random_step' supervises one step at a time")
             return self
-        if self.per_sample is not None:
-            raise ValueError("per_sample picks the step of supervision = 'random_step'; 'every_step' supervises every step of every sample "
-                             "(set supervision = 'random_step' to keep the one-random-step reading)")
+        if self.per_sample is False:  # (true is what run directories of the first every-step version recorded)
+            raise ValueError("per_sample = false picks one step for the batch under supervision = 'random_step'; 'every_step' supervises "
+                             "every step of every sample (set supervision = 'random_step' for the one-random-step reading)")
         if self.steps is not None and any(a >= b for a, b in zip(self.steps, self.steps[1:])):
             raise ValueError("steps of supervision = 'every_step' must be strictly increasing")
         if self.step_weights is not None:

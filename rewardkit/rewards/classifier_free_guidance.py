@@ -64,6 +64,10 @@ class ClassifierFreeGuidance(Reward):
             return [f"{where}: classifier_free_guidance gives an image gradient, not a score, so it cannot evaluate; use it under [rewards]"]
         if not issubclass(generator.cls, DiffusionGenerator):
             return [f"{where}: classifier_free_guidance needs a diffusion generator (sd, sd3, testbed) whose base model guides; '{generator.cls.name}' has none"]
+        own = options.negative_prompt
+        if getattr(generator.options, "text_encoders", "keep") == "free" and own is not None and own != generator.options.negative_prompt:
+            return [f"{where}.negative_prompt: the generator frees its text encoders (generator.text_encoders = 'free') after encoding the run's "
+                    "prompts and its own negative_prompt; leave this unset (the generator's is used) or keep the encoders"]
         missing = [m for m in ("noise_levels", "_network", "_x0_eps", "_vae_to_latents") if getattr(generator.cls, m) is getattr(DiffusionGenerator, m)]
         if missing:
             return [f"{where}: generator '{generator.cls.name}' does not implement {', '.join(missing)}, which classifier_free_guidance needs (docs/plugin-api.md)"]
