@@ -230,7 +230,8 @@ def test_a_generator_that_does_not_say_its_steps_is_checked_at_training_time(tmp
         def planned_steps(cls, options):
             return None
 
-    opt = Optimizer(Undeclared(height=8, width=8), [Color()], [IntermediateStep()], prompts=["a"], run={"steps": 1, "dir": str(tmp_path / "u"), "trackers": []})
+    opt = Optimizer(Undeclared(height=8, width=8), [Color()], [IntermediateStep(supervision="random_step")], prompts=["a"],
+                    run={"steps": 1, "dir": str(tmp_path / "u"), "trackers": []})
     with pytest.raises(UserError, match="does not say its number of steps"):
         opt.fit()  # the runtime check, as before
 
