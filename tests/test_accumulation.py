@@ -7,7 +7,6 @@ often, or not at all) changes the result: Adam's first steps barely depend on th
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import pixels_recipe, run_cli
