@@ -256,7 +256,9 @@ class Optimizer:
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
         finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
         t3 = clock()
-        if finite:
+        # FSDP keeps the gradients of accumulated micro-batches unsharded until the last one's backward reduces them;
+        # that backward must run even when the update will be skipped, or they would leak into the next update
+        if finite or (self.sharded and self.run.gradient_accumulation_steps > 1):
             acc.backward(loss)  # divided by the number of micro-batches (accelerate's accumulation)
         return {
             "finite": finite,

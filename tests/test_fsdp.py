@@ -188,3 +188,27 @@ def test_the_ema_under_fsdp_resumes_and_equals_one_process(tmp_path, write_recip
     assert sharded.keys() == single.keys() and single
     for k in single:  # an average of weights that agree as Adam runs do: it agrees at least as well
         assert_adam_runs_agree(sharded[k], single[k], recipe(tmp_path, 4)["optimizer"]["lr"], 4)
+
+
+def test_a_skipped_update_under_fsdp_accumulation_leaves_nothing_behind(tmp_path, write_recipe, monkeypatch):
+    """NaN in the last micro-batch of update 1 (on rank 1): the update is skipped, and update 2 starts from
+    clean gradients - as in one process, where the same NaN (RANK=1 set by hand) skips update 1 too."""
+    from rewardkit.plugins import load_registry
+
+    plugin = str(Path(__file__).parent / "plugin_files" / "nan_on_one_rank.py")
+
+    def recipe(run_dir: Path) -> dict:
+        r = lora_recipe(run_dir, 2)
+        r["run"].update(batch_size=4, gradient_accumulation_steps=2)
+        r["rewards"]["nan_on_rank_one"] = {"target": [0.9, 0.1, 0.1]}
+        return r
+
+    proc = run_fsdp(write_recipe(recipe(tmp_path / "run")), "--plugin", plugin)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("RANK", "1")
+    Optimizer.from_recipe(recipe(tmp_path / "single"), registry=load_registry([plugin])).fit()
+    for run in ("run", "single"):
+        assert [r["skipped"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "skipped" in r] == [True, False], run
+    sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
+    for k in single:
+        assert_adam_runs_agree(sharded[k], single[k], lora_recipe(tmp_path, 2)["optimizer"]["lr"], 1)
