@@ -452,9 +452,8 @@ class Optimizer:
         if self.ema is None:
             return
         saved = load_ema(checkpoint)
-        if saved is None:  # EMA switched on for a resumed run: it starts from the weights as they are
+        if saved is None:  # EMA switched on for a resumed run: the average built above starts from the resumed weights
             log.info("%s has no EMA weights: the average starts from the resumed weights", checkpoint)
-            self.ema = EMA(self._trainable(), self.optim.ema_decay, self.optim.ema_device)
         else:
             self.ema.load_state_dict(saved)
 

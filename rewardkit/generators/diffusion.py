@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -147,6 +148,8 @@ class DiffusionGenerator(Generator):
         elif self.options.vae_decode == "tiled":
             self.vae.enable_tiling()
 
+        self._embedding_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()  # prompt -> its encoders' outputs
+        self._encoders_freed = False
         # Read once: diffusers' `module.dtype` walks every submodule, milliseconds per sampler step.
         self.denoiser_dtype, self.vae_dtype = self.denoiser.dtype, self.vae.dtype
 
@@ -301,11 +304,12 @@ class DiffusionGenerator(Generator):
         return self._x0_eps(x, out, alpha, sigma)
 
     def guidance_direction(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, prompts: Sequence[str], negative_prompt: str) -> torch.Tensor:
-        """The frozen base model's classifier-free guidance direction at the noised latents, float32, without gradient.
+        """The frozen base model's classifier-free guidance direction for the clean latents, float32, without gradient.
 
         With x_t = alpha_t x0 + sigma_t eps at the training-schedule levels `levels` (B,), the implicit
         classifier's gradient grad_{x_t} log p(c | x_t) = -(eps(x_t, c) - eps(x_t, negative)) / sigma_t,
-        computed with theta_0 (LoRA: the adapters disabled; full fine-tuning: the reference weights).
+        computed with theta_0 (LoRA: the adapters disabled; full fine-tuning: the reference weights), times
+        alpha_t = d x_t / d x0: the gradient of log p(c | x_t) with respect to `latents`.
         """
         lv = self.noise_levels(levels)
         shape = (-1,) + (1,) * (latents.dim() - 1)
@@ -316,7 +320,7 @@ class DiffusionGenerator(Generator):
             out = self._network(torch.cat([x_t, x_t]), torch.cat([lv["timesteps"], lv["timesteps"]]), cond, base=True)
             _, eps = self._x0_eps(torch.cat([x_t, x_t]), out, torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
         eps_negative, eps_cond = eps.chunk(2)
-        return -(eps_cond - eps_negative) / sigma
+        return -alpha * (eps_cond - eps_negative) / sigma
 
     # --- prompt embeddings: computed once ---------------------------------------------
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
@@ -342,15 +346,15 @@ class DiffusionGenerator(Generator):
         or `negative` given), else prompts; what `_encode` would give for the whole batch."""
         if negative is None and self.options.guidance_scale != 1.0:
             negative = self.options.negative_prompt
-        freed = getattr(self, "_encoders_freed", False)
+        freed = self._encoders_freed
         # Under FSDP the encoders' forward is a collective: a cache hit on one process and a miss on another
         # would deadlock, so sharded encoders encode every batch (text_encoders = 'free' encodes before sharding).
         if not freed and (not self.options.prompt_cache or self._encoders_sharded()):
             return self._encode(prompts, device, negative=[negative] * len(prompts) if negative is not None else [])
         rows = prompts if negative is None else [negative] * len(prompts) + prompts
-        cache, unique = self._prompt_embeddings(), list(dict.fromkeys(rows))
+        cache, unique = self._embedding_cache, list(dict.fromkeys(rows))
         missing = [p for p in unique if p not in cache]
-        if missing and getattr(self, "_encoders_freed", False):
+        if missing and freed:
             raise UserError(
                 f"prompt {missing[0]!r} was not encoded at setup, and the text encoders were freed (generator.text_encoders = 'free'); "
                 "list it among the run's prompts, or keep the encoders"
@@ -368,17 +372,10 @@ class DiffusionGenerator(Generator):
         encoders = [m for n, m in self.pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
         return any(is_sharded(p) for m in encoders for p in m.parameters())
 
-    def _prompt_embeddings(self):
-        from collections import OrderedDict
-
-        if not hasattr(self, "_embedding_cache"):
-            self._embedding_cache = OrderedDict()
-        return self._embedding_cache
-
     def _cache_embeddings(self, prompts: list[str], device, keep: int | None) -> None:
         """Encode `prompts` into the cache; then drop the least recently used entries past the cache's size
         (but never the `keep` most recent ones; None: drop nothing)."""
-        cache = self._prompt_embeddings()
+        cache = self._embedding_cache
         with torch.no_grad():
             out = self._encode(prompts, device, negative=[])
         out = out if isinstance(out, tuple) else (out,)

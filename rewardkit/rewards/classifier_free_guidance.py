@@ -99,7 +99,6 @@ class ClassifierFreeGuidance(Reward):
             draws = [rng_of(image) for image in images]  # per image: independent of batch, processes and torch's RNG
             u = torch.stack([low + (high - low) * torch.rand((), generator=g) for g in draws]).to(z0.device)
             noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in draws]).to(z0.device)
-            direction = gen.guidance_direction(z0.detach(), u, noise, prompts, negative)
-            alpha = gen.noise_levels(u)["alpha"].view(-1, *([1] * (z0.dim() - 1)))
-            (g,) = torch.autograd.grad(z0, x, grad_outputs=alpha * direction)
+            direction = gen.guidance_direction(z0.detach(), u, noise, prompts, negative)  # alpha_u included: d/d z0
+            (g,) = torch.autograd.grad(z0, x, grad_outputs=direction)
         return None, g
