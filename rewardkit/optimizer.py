@@ -369,8 +369,10 @@ class Optimizer:
         gen.prepare_prompts([*self.prompts, *self.sample_prompts, *(self.evaluation.prompts if self.evaluation else [])])
         for reg in self.regularizers.values():
             reg.setup(gen)
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision, torch.float32)
         for reward in {id(r): r for r in [*self.rewards.values(), *self.eval_rewards.values()]}.values():  # a shared model once
             reward.requires_grad_(False).eval().to(acc.device)
+            reward.use_precision(compute_dtype)  # dtype = 'auto' (the default): the reward model in the run's precision
             reward.setup(gen)
         params = gen.trainable_parameters()
         if not params:

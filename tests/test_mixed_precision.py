@@ -51,3 +51,57 @@ def test_a_mixed_precision_run_resumes_exactly(tmp_path, monkeypatch, precision)
         assert straight[0]["grad_scale"] != 2.0**16, straight  # the scale moved in step 1: a fresh scaler at step 2 would differ
     else:
         assert "grad_scale" not in straight[0]
+
+
+def test_reward_models_run_in_the_run_precision_unless_their_dtype_says_otherwise(tmp_path):
+    """dtype = 'auto' (the default) puts a reward model in the run's precision; an explicit dtype wins."""
+    from rewardkit_clip.rewards import CLIPScore
+    from rewardkit_hps import HPS
+    from rewardkit_imagereward import ImageReward
+    from tiny_rewards import save_tiny_clip, save_tiny_hps, save_tiny_imagereward
+
+    from rewardkit.generators.pixels import Pixels
+
+    hps, ir = HPS(**save_tiny_hps(tmp_path / "hps")), ImageReward(**save_tiny_imagereward(tmp_path / "ir"))
+    clip = CLIPScore(**save_tiny_clip(tmp_path / "clip")[0], dtype="float32")
+    run = {"dir": str(tmp_path / "run"), "steps": 1, "batch_size": 2, "mixed_precision": "bf16", "trackers": [], "progress": False, "sample_every": 0}
+    Optimizer(Pixels(height=32, width=32), {"hps": hps, "clip": clip, "ir": ir}, prompts=["a red cat", "a dog"], run=run).fit()
+    assert {p.dtype for p in hps.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ir.net.vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ir.net.mlp.parameters()} == {torch.float32}  # its head stays float32
+    assert {p.dtype for p in clip.model.parameters()} == {torch.float32}  # dtype = 'float32' overrides the run
+
+
+@pytest.mark.parametrize("name", ["hps", "clip_score", "laion_aesthetic", "imagereward"])
+def test_reward_scores_in_bf16_stay_within_the_rounding_of_float32(tmp_path, name):
+    """Scores of a reward model cast to bfloat16 (as under a bf16 run) against the same model in float32.
+
+    Bound: one bfloat16 rounding (unit roundoff u = 2^-8) per linear / conv layer of the model, accumulated in float32:
+    a first-order worst case of m * u relative to the score's scale (the cosine's range, scale, for CLIP-type scores;
+    the float32 scores' magnitude for the heads' outputs)."""
+    from rewardkit_clip.rewards import CLIPScore, LAIONAesthetic
+    from rewardkit_hps import HPS
+    from rewardkit_imagereward import ImageReward
+    from tiny_rewards import save_tiny_clip, save_tiny_hps, save_tiny_imagereward
+
+    build = {
+        "hps": lambda **kw: HPS(**save_tiny_hps(tmp_path / "hps"), **kw),
+        "clip_score": lambda **kw: CLIPScore(**save_tiny_clip(tmp_path / "clip")[0], **kw),
+        "laion_aesthetic": lambda **kw: LAIONAesthetic(**save_tiny_clip(tmp_path / "clip")[1], **kw),
+        "imagereward": lambda **kw: ImageReward(**save_tiny_imagereward(tmp_path / "ir"), **kw),
+    }[name]
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red cat", "a dog on the beach", "a blue house", "the sky"]
+    reference = build(dtype="float32")
+    s32 = reference(images, prompts)
+    reward = build()
+    reward.use_precision(torch.bfloat16)
+    assert next(reward.parameters()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s16 = reward(images, prompts)
+    assert s16.dtype == torch.float32
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in reward.modules())
+    scale = reward.options.scale if hasattr(reward.options, "scale") else s32.abs().max().item()
+    err = (s16 - s32).abs().max().item()
+    assert err <= layers * 2**-8 * scale, (err, layers, scale)
+    assert not torch.equal(s16, s32)  # it did run in bfloat16

@@ -8,7 +8,7 @@ plugins, importing each only when the hook runs, so loading it stays cheap.
 from rewardkit.hookspecs import hookimpl
 from rewardkit.lazy import lazy_attributes
 
-__all__ = ["Reward", "RewardOptions"]
+__all__ = ["ModelDType", "Reward", "RewardOptions", "load_dtype"]
 __getattr__ = lazy_attributes(__name__, {name: "rewardkit.rewards.base" for name in __all__})
 
 

@@ -8,11 +8,21 @@ round-trips through PIL on the training path.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from rewardkit.options import Configurable, PluginOptions
+
+
+ModelDType = Literal["auto", "float32", "float16", "bfloat16"]
+"""A reward model's precision option: 'auto' follows the run (bfloat16 / float16 under run.mixed_precision =
+'bf16' / 'fp16', float32 otherwise and outside training); the others fix it."""
+
+
+def load_dtype(option: str) -> torch.dtype:
+    """The dtype to build a model in for a `ModelDType` option: 'auto' builds in float32 until the run says otherwise."""
+    return torch.float32 if option == "auto" else getattr(torch, option)
 
 
 class RewardOptions(PluginOptions):
@@ -45,6 +55,13 @@ class Reward(Configurable, torch.nn.Module):
 
     def setup(self, generator) -> None:
         """Called once before training with the run's generator (before any checkpoint loads); most rewards ignore it."""
+
+    def use_precision(self, dtype: torch.dtype) -> None:
+        """Called once before training with the run's compute dtype. A reward with a model declares
+        `dtype: ModelDType = "auto"`; under 'auto' its weights are cast to `dtype` here (the default
+        casts the whole module: override to keep parts, e.g. a small head, in float32)."""
+        if getattr(self.options, "dtype", None) == "auto":
+            self.to(dtype)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -10,14 +10,13 @@ a local file) and caches the frozen model per process.
 from __future__ import annotations
 
 import threading
-from typing import Literal
 
 import torch
 
 from rewardkit import hub
 from rewardkit.errors import UserError
+from rewardkit.rewards import ModelDType, load_dtype
 
-DType = Literal["float32", "float16", "bfloat16"]
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 _CACHE: dict[tuple, tuple[torch.nn.Module, object]] = {}
@@ -58,7 +57,7 @@ def load_model(
     *,
     what: str,
     quick_gelu: bool = False,
-    dtype: DType = "float32",
+    dtype: ModelDType = "auto",
     vision_only: bool = False,
 ):
     """(model, tokenizer): open_clip `model_name` with weights from the local file `checkpoint`.
@@ -83,7 +82,7 @@ def load_model(
             load_weights(model, hub.load_state_dict(checkpoint, what=what), what=f"{what} ({checkpoint})")
         if vision_only:
             model = model.visual  # the image tower alone: the text tower is not needed
-        model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
+        model = model.to(load_dtype(dtype)).eval().requires_grad_(False)
         tokenizer = None if vision_only else open_clip.get_tokenizer(model_name)
         _CACHE[key] = (model, tokenizer)
         return model, tokenizer

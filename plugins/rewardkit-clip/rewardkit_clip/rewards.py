@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardkit.errors import UserError
-from rewardkit.rewards import Reward, RewardOptions
+from rewardkit.rewards import ModelDType, Reward, RewardOptions
 from rewardkit import hub
 from rewardkit.rewards.heads import LinearStackHead
 from rewardkit.rewards.preprocess import preprocess
@@ -16,8 +16,9 @@ from rewardkit_clip import openclip
 
 
 class _FrozenBackbone(RewardOptions):
-    dtype: openclip.DType = "float32"
-    """Precision of the reward model: float16 / bfloat16 halve its memory (scores are returned as float32)."""
+    dtype: ModelDType = "auto"
+    """Precision of the reward model: 'auto' is the run's (run.mixed_precision); float16 / bfloat16 halve its
+    memory next to float32 (scores are returned as float32)."""
     gradient_checkpointing: bool = False
     """Recompute the transformer blocks during backward: less memory, about one more forward of time."""
 
@@ -128,4 +129,9 @@ class LAIONAesthetic(Reward):
         p = self.pre
         x = preprocess(images.float(), p["size"], p["mean"], p["std"], p.get("resize_mode", "shortest"), p.get("interpolation", "bicubic"))
         features = F.normalize(self.model(x.to(dtype)).float(), dim=-1)
-        return self.head(features).squeeze(-1)
+        with torch.autocast(features.device.type, enabled=False):  # the small head in float32, autocast or not
+            return self.head(features).squeeze(-1)
+
+    def use_precision(self, dtype: torch.dtype) -> None:
+        super().use_precision(dtype)
+        self.head.float()

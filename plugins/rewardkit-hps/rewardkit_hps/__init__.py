@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 
 import rewardkit
-from rewardkit.rewards import Reward, RewardOptions
+from rewardkit.rewards import ModelDType, Reward, RewardOptions
 
 __version__ = "0.1.0"
 
@@ -31,8 +31,8 @@ class HPSOptions(RewardOptions):
     """open_clip architecture the checkpoint loads into (change only for custom HPS-style checkpoints)."""
     scale: float = 100.0
     """Score = scale * cosine. 100 gives the numbers papers report (e.g. 30.19); 1 gives hpsv2.score's."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Precision of the model; scores are returned as float32."""
+    dtype: ModelDType = "auto"
+    """Precision of the model: 'auto' is the run's (run.mixed_precision); scores are returned as float32."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks during backward: less memory, more time."""
 

@@ -9,13 +9,13 @@ transformers' BlipVisionModel + BlipTextModel through a weight-name mapping
 from __future__ import annotations
 
 import threading
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
 import rewardkit
 from rewardkit.errors import UserError
-from rewardkit.rewards import Reward, RewardOptions
+from rewardkit.rewards import ModelDType, Reward, RewardOptions, load_dtype
 
 __version__ = "0.1.0"
 
@@ -29,8 +29,9 @@ class ImageRewardOptions(RewardOptions):
     """ImageReward v1.0 checkpoint: a hub reference 'owner/repo/file' or a local path."""
     tokenizer: str = "google-bert/bert-base-uncased"
     """BERT's vocabulary: a hub repo id ('owner/repo', its vocab.txt) or a local vocab.txt or folder holding one."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Precision of the BLIP encoders (the small MLP head stays float32); scores are float32."""
+    dtype: ModelDType = "auto"
+    """Precision of the BLIP encoders: 'auto' is the run's (run.mixed_precision); the small MLP head stays
+    float32; scores are float32."""
     gradient_checkpointing: bool = False
     """Recompute encoder layers during backward: less memory, more time."""
 
@@ -49,6 +50,10 @@ class ImageReward(Reward):
         self.tokenizer = load_tokenizer(o.tokenizer)
         self.input_size = (self.net.image_size, self.net.image_size)
 
+    def use_precision(self, dtype: torch.dtype) -> None:
+        super().use_precision(dtype)
+        self.net.mlp.float()  # the head stays float32, as load_model builds it
+
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from rewardkit.rewards.preprocess import preprocess
         from rewardkit_imagereward.model import IMAGE_MEAN, IMAGE_STD, MAX_PROMPT_TOKENS
@@ -63,7 +68,7 @@ class ImageReward(Reward):
         return self.net(x.to(dtype), tokens.input_ids.to(images.device), tokens.attention_mask.to(images.device))
 
 
-def load_model(weights: str, dtype: str = "float32"):
+def load_model(weights: str, dtype: str = "auto"):
     """The ImageReward model with weights from `weights` (hub reference or local path), built once per process."""
     from rewardkit import hub
     from rewardkit_imagereward.model import ImageRewardModel, convert_state_dict, shapes_from_checkpoint
@@ -81,7 +86,7 @@ def load_model(weights: str, dtype: str = "float32"):
             missing, unexpected = model.load_state_dict(converted, strict=False)
             if missing or unexpected:
                 raise UserError(f"ImageReward v1.0 weights: {path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            model = model.to(getattr(torch, dtype))
+            model = model.to(load_dtype(dtype))
             model.mlp.float()
             _MODELS[key] = model.eval().requires_grad_(False)
         return _MODELS[key]

@@ -133,7 +133,8 @@ class ImageRewardModel(torch.nn.Module):
             return_dict=True,
         )
         features = out.last_hidden_state[:, 0, :].float()
-        rewards = self.mlp(features).squeeze(-1)  # the head stays float32 (see load_model)
+        with torch.autocast(features.device.type, enabled=False):  # the head stays float32 (see load_model), autocast or not
+            rewards = self.mlp(features).squeeze(-1)
         return (rewards - MEAN) / STD
 
 

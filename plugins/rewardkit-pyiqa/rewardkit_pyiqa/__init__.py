@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
 
 import rewardkit
 from rewardkit.errors import UserError, did_you_mean
-from rewardkit.rewards import Reward, RewardOptions
+from rewardkit.rewards import ModelDType, Reward, RewardOptions, load_dtype
 
 __version__ = "0.1.0"
 
@@ -54,8 +54,8 @@ class PyIQAOptions(RewardOptions):
     """Map the metric's score range (pyiqa's `score_range`) to [0, 1], 1 = best."""
     differentiable: bool | None = None
     """Override the declared differentiability of the metric (None: use NON_DIFFERENTIABLE)."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Precision of the metric's network; scores are returned as float32."""
+    dtype: ModelDType = "auto"
+    """Precision of the metric's network: 'auto' is the run's (run.mixed_precision); scores are returned as float32."""
     gradient_checkpointing: bool = False
     """Recompute the metric's forward pass during backward instead of storing its activations."""
 
@@ -152,7 +152,7 @@ def _create(metric: str, metric_options: dict, dtype: str):
                 ) from None
             except TypeError as exc:
                 raise UserError(f"pyiqa metric '{metric}': bad metric_options {metric_options}: {exc}") from None
-            m.net.to(getattr(torch, dtype)).eval().requires_grad_(False)
+            m.net.to(load_dtype(dtype)).eval().requires_grad_(False)
             _METRICS[key] = m
         return _METRICS[key]
 
