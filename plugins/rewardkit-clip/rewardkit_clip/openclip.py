@@ -33,12 +33,32 @@ def model_preprocess_cfg(model) -> dict:
     return cfg
 
 
+def pretrained_preprocess_cfg(model, model_name: str, pretrained: str, *, what: str) -> dict:
+    """The preprocessing open_clip gives `model_name` loaded from `pretrained`: the model config's, overlaid by the
+    pretrained tag's own settings (e.g. mean = std = 0.5 for ViT-L-14 laion2b_s32b_b82k, resize_mode 'squash' for
+    ViT-H-14 dfn5b), as open_clip.create_model_and_transforms merges them; read from open_clip's tables, offline.
+    A path or hub reference names no tag: the model config's settings."""
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    cfg = model_preprocess_cfg(model)
+    if _looks_like_tag(pretrained):
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(model_name, pretrained) or {})
+    if cfg.get("resize_mode", "shortest") not in ("shortest", "squash"):
+        raise UserError(f"{what}: open_clip preprocesses it with resize_mode {cfg['resize_mode']!r}, which rewardkit's differentiable "
+                        "preprocessing does not implement ('shortest' and 'squash' are)")
+    return cfg
+
+
+def _looks_like_tag(pretrained: str) -> bool:
+    return "/" not in pretrained and not pretrained.startswith(("~", "."))
+
+
 def resolve_pretrained(model_name: str, pretrained: str, *, what: str, option: str) -> tuple[str, bool]:
     """(local checkpoint path, quick_gelu) for an open_clip tag, a hub reference or a local path."""
     import open_clip
 
-    looks_like_tag = "/" not in pretrained and not pretrained.startswith(("~", "."))
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if looks_like_tag else {}
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if _looks_like_tag(pretrained) else {}
     if cfg:
         repo = cfg.get("hf_hub", "").strip("/")
         if not repo:

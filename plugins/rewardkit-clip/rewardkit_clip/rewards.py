@@ -49,7 +49,7 @@ class CLIPScore(Reward):
         what = f"CLIP weights ({o.model}, {o.pretrained})"
         path, quick_gelu = openclip.resolve_pretrained(o.model, o.pretrained, what=what, option="pretrained")
         self.model, self.tokenizer = openclip.load_model(o.model, path, what=what, quick_gelu=quick_gelu, dtype=o.dtype)
-        self.pre = openclip.model_preprocess_cfg(self.model)
+        self.pre = openclip.pretrained_preprocess_cfg(self.model, o.model, o.pretrained, what=what)
         self.input_size = (self.pre["size"],) * 2 if isinstance(self.pre["size"], int) else self.pre["size"]
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -114,7 +114,7 @@ class LAIONAesthetic(Reward):
         what = f"CLIP weights ({o.clip_model}, {o.clip_pretrained}) of the aesthetic predictor"
         path, quick_gelu = openclip.resolve_pretrained(o.clip_model, o.clip_pretrained, what=what, option="clip_pretrained")
         self.model, _ = openclip.load_model(o.clip_model, path, what=what, quick_gelu=quick_gelu, dtype=o.dtype, vision_only=True)
-        self.pre = openclip.model_preprocess_cfg(self.model)
+        self.pre = openclip.pretrained_preprocess_cfg(self.model, o.clip_model, o.clip_pretrained, what=what)
         self.input_size = (self.pre["size"],) * 2 if isinstance(self.pre["size"], int) else self.pre["size"]
         head_path = hub.resolve(o.weights, what="LAION aesthetic predictor weights", option="weights")
         self.head = load_aesthetic_head(str(head_path))

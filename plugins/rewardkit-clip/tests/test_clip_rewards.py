@@ -96,6 +96,34 @@ def test_clip_score_is_scaled_cosine(clip_reward, tiny_weights):
         assert torch.allclose(clip_reward(x, PROMPTS[:2]), expected, atol=1e-4)
 
 
+def test_a_pretrained_tag_sets_the_preprocessing(tiny_weights, monkeypatch):
+    """A tag's own mean / std / resize mode (open_clip's pretrained table) decide the preprocessing, as in
+    open_clip.create_model_and_transforms; here a tag of the tiny model whose checkpoint is the local file."""
+    from rewardkit import hub
+
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, {"squashed": {"hf_hub": "someone/tiny/", "mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "squash"}})
+    monkeypatch.setattr(hub, "resolve", lambda ref, **kw: tiny_weights if ref == "someone/tiny" else pytest.fail(ref))
+    reward = CLIPScore(model=TINY, pretrained="squashed")
+    assert (reward.pre["mean"], reward.pre["std"], reward.pre["resize_mode"]) == ((0.5,) * 3, (0.5,) * 3, "squash")
+    x = images(2, 40, 56)  # not square: squashed to 32 x 32, not cropped
+    with torch.no_grad():
+        squashed = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
+        img = torch.nn.functional.normalize(reward.model.encode_image((squashed - 0.5) / 0.5), dim=-1)
+        txt = torch.nn.functional.normalize(reward.model.encode_text(open_clip.get_tokenizer(TINY)(PROMPTS[:2])), dim=-1)
+        torch.testing.assert_close(reward(x, PROMPTS[:2]), 100 * (img * txt).sum(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model, tag, mean, resize_mode", [
+    ("ViT-H-14", "laion2b_s32b_b79k", open_clip.OPENAI_DATASET_MEAN, "shortest"),  # the paper's CLIP score
+    ("ViT-L-14", "laion2b_s32b_b82k", (0.5, 0.5, 0.5), "shortest"),
+    ("ViT-H-14", "dfn5b", open_clip.OPENAI_DATASET_MEAN, "squash"),
+])  # fmt: skip
+def test_published_tags_preprocess_as_open_clip_says(model, tag, mean, resize_mode):
+    built = open_clip.create_model(model, pretrained=None, device="meta")
+    cfg = openclip.pretrained_preprocess_cfg(built, model, tag, what="test")
+    assert (tuple(cfg["mean"]), cfg["resize_mode"]) == (tuple(mean), resize_mode) and cfg["size"] in (224, (224, 224))
+
+
 def test_model_is_built_once_and_frozen(clip_reward, tiny_weights):
     again = CLIPScore(model=TINY, pretrained=str(tiny_weights), weight=2.0)
     assert again.model is clip_reward.model
