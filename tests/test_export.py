@@ -58,7 +58,7 @@ def generator_images(run_dir, noise):
 
 def diffusers_images(pipe, settings, noise):
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"sigmas": settings["sigmas"]} if "sigmas" in settings else {}
+    kwargs = {k: settings[k] for k in ("sigmas", "max_sequence_length") if k in settings}
     return pipe(PROMPTS, num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                 height=settings["height"], width=settings["width"], latents=noise, output_type="pt", **kwargs).images
 
@@ -87,6 +87,32 @@ def test_lora_export_reproduces_generator(base_models, family, tmp_path):
     assert (base - ours).abs().max() > 1e-3  # training changed the images ...
     torch.testing.assert_close(with_lora, ours, atol=2e-5, rtol=0)  # ... and the exports carry the change
     torch.testing.assert_close(merged, ours, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_exports_record_the_text_conditioning(base_models, tmp_path, t5):
+    """text_encoder_3 and max_sequence_length are in rewardkit_export.json, and plain diffusers given them reproduces
+    the generator (without T5: both the full export and the base under the LoRA load with text_encoder_3=None)."""
+    import diffusers
+
+    run = train("sd3", base_models["sd3"], tmp_path / "run", training="lora", lora_rank=4, text_encoder_3=t5, max_sequence_length=8)
+    for fmt in ("lora", "diffusers"):
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    noise = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(7))
+    ours, _ = generator_images(run, noise)
+    settings = json.loads((tmp_path / "lora" / "rewardkit_export.json").read_text())
+    assert (settings["text_encoder_3"], settings["max_sequence_length"]) == (t5, 8)
+
+    without = {} if settings["text_encoder_3"] else {"text_encoder_3": None, "tokenizer_3": None}  # diffusers wants them named
+    full = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "diffusers", **without)
+    assert (full.text_encoder_3 is not None) == t5
+    torch.testing.assert_close(diffusers_images(full, settings, noise), ours, atol=2e-5, rtol=0)
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(base_models["sd3"], **without)
+    pipe.load_lora_weights(tmp_path / "lora")
+    torch.testing.assert_close(diffusers_images(pipe, settings, noise), ours, atol=2e-5, rtol=0)
+    if t5:  # the recorded length matters: diffusers' default (256 T5 tokens) gives other images
+        default = diffusers_images(pipe, {k: v for k, v in settings.items() if k != "max_sequence_length"}, noise)
+        assert (default - ours).abs().max() > 1e-3
 
 
 def test_full_export_reproduces_generator_and_lora_format_is_refused(base_models, tmp_path, capsys):

@@ -76,7 +76,13 @@ class StableDiffusion3(DiffusionGenerator):
         return [(steps - k) / steps for k in range(steps)]
 
     def sampling_settings(self) -> dict:
-        return super().sampling_settings() | {"sigmas": self.unshifted_sigmas(self.options.num_steps)}
+        # the text conditioning too: without T5 its embeddings are zeros (load the pipeline with text_encoder_3=None),
+        # and the T5 prompt length changes the images (pass max_sequence_length to the pipeline call)
+        return super().sampling_settings() | {
+            "sigmas": self.unshifted_sigmas(self.options.num_steps),
+            "text_encoder_3": self.options.text_encoder_3,
+            "max_sequence_length": self.options.max_sequence_length,
+        }
 
     def schedule(self, steps: int, device) -> dict[str, torch.Tensor]:
         scheduler, kwargs = self._scheduler()
