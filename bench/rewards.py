@@ -112,22 +112,22 @@ def build_tiny(tmp: Path) -> dict:
     return rewards
 
 
-def _imagereward_with(net, tmp: Path):
+def _imagereward_with(net, tmp: Path, **options):
     """An ImageReward reward around `net` (random weights), with a stand-in vocabulary."""
     import rewardkit_imagereward as ir
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w.strip(",").lower() for p in PROMPTS for w in p.split()})
     (tmp / "vocab.txt").write_text("\n".join(words) + "\n")
     original = ir.load_model
-    ir.load_model = lambda weights, dtype="float32": net
+    ir.load_model = lambda weights, dtype="auto": net.to(ir.load_dtype(dtype))
     try:
-        return ir.ImageReward(weights="unused", tokenizer=str(tmp / "vocab.txt"))
+        return ir.ImageReward(weights="unused", tokenizer=str(tmp / "vocab.txt"), **options)
     finally:
         ir.load_model = original
 
 
-def build_full(tmp: Path) -> dict:
-    """Full-size architectures with random weights: no download, for timing on a GPU."""
+def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imagereward"), **options) -> dict:
+    """Full-size architectures with random weights (no download), `names` of them, each built with `options`."""
     rewards = {}
     from rewardkit import hub
     from rewardkit_clip import openclip
@@ -136,20 +136,22 @@ def build_full(tmp: Path) -> dict:
     load_model = openclip.load_model
     hub.resolve = lambda ref, **kw: "unused"
     openclip.resolve_pretrained = lambda *a, **kw: ("unused", False)
-    openclip.load_model = lambda name, checkpoint, **kw: load_model(name, None, **kw)  # random weights
+    # random weights, a model of its own for each reward (HPS and CLIP score are two ViT-H-14s with different weights)
+    openclip.load_model = lambda name, checkpoint, **kw: (openclip._CACHE.clear(), load_model(name, None, **kw))[1]
     try:
         import rewardkit_clip.rewards as cr
         from rewardkit_hps import HPS
 
         cr.load_aesthetic_head = lambda path: cr.AestheticMLP(768).eval().requires_grad_(False)
-        rewards["hps"] = HPS()
-        rewards["clip_score"] = cr.CLIPScore()
-        rewards["laion_aesthetic"] = cr.LAIONAesthetic()
+        for name, cls in (("hps", HPS), ("clip_score", cr.CLIPScore), ("laion_aesthetic", cr.LAIONAesthetic)):
+            if name in names:
+                rewards[name] = cls(**options)
     finally:
         hub.resolve, openclip.resolve_pretrained, openclip.load_model = saved
-    from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
+    if "imagereward" in names:
+        from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
 
-    rewards["imagereward"] = _imagereward_with(ImageRewardModel(full_size_shapes()).eval().requires_grad_(False), tmp)
+        rewards["imagereward"] = _imagereward_with(ImageRewardModel(full_size_shapes()).eval().requires_grad_(False), tmp, **options)
     return rewards
 
 

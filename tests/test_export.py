@@ -80,7 +80,7 @@ def test_lora_export_reproduces_generator(base_models, family, tmp_path):
     if family == "sd":
         pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(tmp_path / "lora", subfolder="scheduler")
     base = diffusers_images(pipe, settings, noise)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors")
     with_lora = diffusers_images(pipe, settings, noise)
     merged = diffusers_images(cls.from_pretrained(tmp_path / "full"), settings, noise)
 
@@ -108,7 +108,7 @@ def test_sd3_exports_record_the_text_conditioning(base_models, tmp_path, t5):
     assert (full.text_encoder_3 is not None) == t5
     torch.testing.assert_close(diffusers_images(full, settings, noise), ours, atol=2e-5, rtol=0)
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(base_models["sd3"], **without)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors")
     torch.testing.assert_close(diffusers_images(pipe, settings, noise), ours, atol=2e-5, rtol=0)
     if t5:  # the recorded length matters: diffusers' default (256 T5 tokens) gives other images
         default = diffusers_images(pipe, {k: v for k, v in settings.items() if k != "max_sequence_length"}, noise)
