@@ -19,5 +19,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
   "$py" bench/full_size.py --rows sd3:1024 --training lora,full --checkpointing on --precision bf16 --batch 1 --steps 2 --json "$out/sd3_1024.json"
 } | tee "$out/full_size.md"
 "$py" bench/full_size.py --encoders --precision bf16 --steps 5 | tee "$out/encoders.md"
-"$py" bench/rewards.py --full --device cuda --size 512 | tee "$out/rewards.md"
+"$py" bench/rewards.py --full --device cuda --size 512 --dtype bfloat16 | tee "$out/rewards.md"
 echo "tables in $out/: paste them into docs/scaling.md (full_size, encoders) and docs/rewards.md (rewards)"

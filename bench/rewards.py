@@ -95,11 +95,9 @@ def build_tiny(tmp: Path) -> dict:
         pass
     try:
         import rewardkit_imagereward  # noqa: F401  (installed?)
-        from rewardkit_imagereward.model import ImageRewardModel
 
         torch.manual_seed(0)
-        net = ImageRewardModel(TINY_IR).eval().requires_grad_(False)
-        rewards["imagereward"] = _imagereward_with(net, tmp)
+        rewards["imagereward"] = _imagereward_with(_random_imagereward(TINY_IR), tmp)
     except ImportError:
         pass
     try:
@@ -112,46 +110,57 @@ def build_tiny(tmp: Path) -> dict:
     return rewards
 
 
-def _imagereward_with(net, tmp: Path, **options):
-    """An ImageReward reward around `net` (random weights), with a stand-in vocabulary."""
+def _imagereward_with(make_net, tmp: Path, **options):
+    """An ImageReward reward on `make_net(dtype)` (random weights), with a stand-in vocabulary. The plugin's loader is
+    replaced for the rest of this process, so that the reward can rebuild its network in the run's dtype."""
     import rewardkit_imagereward as ir
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w.strip(",").lower() for p in PROMPTS for w in p.split()})
     (tmp / "vocab.txt").write_text("\n".join(words) + "\n")
-    original = ir.load_model
-    ir.load_model = lambda weights, dtype="auto": net.to(ir.load_dtype(dtype))
-    try:
-        return ir.ImageReward(weights="unused", tokenizer=str(tmp / "vocab.txt"), **options)
-    finally:
-        ir.load_model = original
+    ir.load_model = lambda weights, dtype=torch.float32: make_net(dtype)
+    return ir.ImageReward(weights="unused", tokenizer=str(tmp / "vocab.txt"), **options)
+
+
+def _random_imagereward(shapes):
+    from rewardkit_imagereward.model import ImageRewardModel
+
+    def make(dtype):
+        net = ImageRewardModel(shapes).to(dtype)
+        net.mlp.float()  # as the plugin's loader: the head in float32
+        return net.eval().requires_grad_(False)
+
+    return make
+
+
+def _random_open_clip(name, checkpoint, *, what, quick_gelu=False, dtype=torch.float32, vision_only=False):
+    """The plugin's open_clip loader, with random weights and no cache: HPS and CLIP score get a ViT-H-14 each."""
+    import open_clip
+
+    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    model = (model.visual if vision_only else model).to(dtype).eval().requires_grad_(False)
+    return model, None if vision_only else open_clip.get_tokenizer(name)
 
 
 def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imagereward"), **options) -> dict:
-    """Full-size architectures with random weights (no download), `names` of them, each built with `options`."""
-    rewards = {}
+    """Full-size architectures with random weights (no download), `names` of them, each built with `options`.
+
+    The plugins' loaders are replaced for the rest of this process (a benchmark's process): rewards with
+    dtype = 'auto' rebuild their networks when the run sets its precision."""
     from rewardkit import hub
     from rewardkit_clip import openclip
 
-    saved = hub.resolve, openclip.resolve_pretrained, openclip.load_model
-    load_model = openclip.load_model
     hub.resolve = lambda ref, **kw: "unused"
     openclip.resolve_pretrained = lambda *a, **kw: ("unused", False)
-    # random weights, a model of its own for each reward (HPS and CLIP score are two ViT-H-14s with different weights)
-    openclip.load_model = lambda name, checkpoint, **kw: (openclip._CACHE.clear(), load_model(name, None, **kw))[1]
-    try:
-        import rewardkit_clip.rewards as cr
-        from rewardkit_hps import HPS
+    openclip.load_model = _random_open_clip
+    import rewardkit_clip.rewards as cr
+    from rewardkit_hps import HPS
 
-        cr.load_aesthetic_head = lambda path: cr.AestheticMLP(768).eval().requires_grad_(False)
-        for name, cls in (("hps", HPS), ("clip_score", cr.CLIPScore), ("laion_aesthetic", cr.LAIONAesthetic)):
-            if name in names:
-                rewards[name] = cls(**options)
-    finally:
-        hub.resolve, openclip.resolve_pretrained, openclip.load_model = saved
+    cr.load_aesthetic_head = lambda path: cr.AestheticMLP(768).eval().requires_grad_(False)
+    rewards = {name: cls(**options) for name, cls in (("hps", HPS), ("clip_score", cr.CLIPScore), ("laion_aesthetic", cr.LAIONAesthetic)) if name in names}
     if "imagereward" in names:
-        from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
+        from rewardkit_imagereward.model import full_size_shapes
 
-        rewards["imagereward"] = _imagereward_with(ImageRewardModel(full_size_shapes()).eval().requires_grad_(False), tmp, **options)
+        rewards["imagereward"] = _imagereward_with(_random_imagereward(full_size_shapes()), tmp, **options)
     return rewards
 
 
@@ -205,18 +214,23 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None, help="input image side (default: 64 tiny, 512 full)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steady timings on a shared machine)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the rewards' dtype (full-size only); half precisions run under autocast, as in a run")
     args = parser.parse_args(argv)
     size = args.size or (512 if args.full else 64)
     torch.set_num_threads(args.threads)
     params = full_size_params()
     with tempfile.TemporaryDirectory() as tmp:
-        rewards = build_full(Path(tmp)) if args.full else build_tiny(Path(tmp))
-        print(f"forward + backward, batch {BATCH}, {size}x{size} images in [0, 1], {'full-size' if args.full else 'tiny'} configs, {args.device} ({args.threads} thread), torch {torch.__version__}\n")
+        rewards = build_full(Path(tmp), dtype=args.dtype) if args.full else build_tiny(Path(tmp))
+        print(f"forward + backward, batch {BATCH}, {size}x{size} images in [0, 1], {'full-size' if args.full else 'tiny'} configs, "
+              f"{args.dtype if args.full else 'float32'}, {args.device} ({args.threads} thread), torch {torch.__version__}\n")
         cuda = args.device == "cuda"
         print("| reward | model | input size | parameters (full size) | time median / min (ms) | activations (MB) |" + (" CUDA peak (MB) |" if cuda else ""))
         print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
         for name, reward in rewards.items():
-            r = measure(reward, args.device, size, args.repeat)
+            half = args.full and args.dtype != "float32"
+            with torch.autocast(args.device, dtype=getattr(torch, args.dtype), enabled=half):
+                r = measure(reward, args.device, size, args.repeat)
             key = name.split(" ")[0]
             p = params.get(key) or (sum(t.numel() for t in reward.parameters()) if key == "pyiqa" else None)
             model = _describe(name, reward)

@@ -371,8 +371,8 @@ class Optimizer:
             reg.setup(gen)
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision, torch.float32)
         for reward in {id(r): r for r in [*self.rewards.values(), *self.eval_rewards.values()]}.values():  # a shared model once
+            reward.use_precision(compute_dtype)  # dtype = 'auto' (the default): rebuilt in the run's precision, then moved
             reward.requires_grad_(False).eval().to(acc.device)
-            reward.use_precision(compute_dtype)  # dtype = 'auto' (the default): the reward model in the run's precision
             reward.setup(gen)
         params = gen.trainable_parameters()
         if not params:
@@ -528,8 +528,9 @@ class Optimizer:
         ev = self.evaluation
         prompts = [p for p in ev.prompts for _ in range(ev.n_per_prompt)]
         images = self._draw(prompts, fixed_noise(self.generator, len(prompts), ev.seed))
-        scores = score_rewards(self.eval_rewards, images, prompts, batch_size=self.run.batch_size)
-        return {f"eval/{label}": s.mean().item() for label, s in scores.items()}
+        with self.accelerator.autocast():  # the rewards' precision is the run's, as in training
+            scores = score_rewards(self.eval_rewards, images, prompts, batch_size=self.run.batch_size)
+        return {f"eval/{label}": s.float().mean().item() for label, s in scores.items()}
 
     def _write_optimized_images(self) -> str:
         """A noise-optimizing run's result is its images: one PNG per training prompt in RUN_DIR/images/."""

@@ -57,11 +57,18 @@ class Reward(Configurable, torch.nn.Module):
         """Called once before training with the run's generator (before any checkpoint loads); most rewards ignore it."""
 
     def use_precision(self, dtype: torch.dtype) -> None:
-        """Called once before training with the run's compute dtype. A reward with a model declares
-        `dtype: ModelDType = "auto"`; under 'auto' its weights are cast to `dtype` here (the default
-        casts the whole module: override to keep parts, e.g. a small head, in float32)."""
+        """Called by the optimizer before training with the run's compute dtype. A reward with a model declares
+        `dtype: ModelDType = "auto"` and implements `build`; under 'auto' its networks are rebuilt in `dtype`
+        (explicit dtypes are kept)."""
         if getattr(self.options, "dtype", None) == "auto":
-            self.to(dtype)
+            self.build(dtype)
+
+    def build(self, dtype: torch.dtype) -> None:
+        """(Re)build the reward's networks in `dtype`: called from `__init__` with load_dtype(options.dtype) and
+        by `use_precision`. Take models from a process-wide cache keyed by everything that determines them, the
+        dtype included, and never cast a cached model in place: another reward may hold it. (Small heads stay
+        float32 whatever `dtype` is.)"""
+        raise NotImplementedError(f"reward '{self.name}' has dtype = 'auto' but does not implement build(dtype)")
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardkit.errors import UserError
-from rewardkit.rewards import ModelDType, Reward, RewardOptions
+from rewardkit.rewards import ModelDType, Reward, RewardOptions, load_dtype
 from rewardkit import hub
 from rewardkit.rewards.heads import LinearStackHead
 from rewardkit.rewards.preprocess import preprocess
@@ -46,11 +46,15 @@ class CLIPScore(Reward):
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
-        what = f"CLIP weights ({o.model}, {o.pretrained})"
-        path, quick_gelu = openclip.resolve_pretrained(o.model, o.pretrained, what=what, option="pretrained")
-        self.model, self.tokenizer = openclip.load_model(o.model, path, what=what, quick_gelu=quick_gelu, dtype=o.dtype)
-        self.pre = openclip.pretrained_preprocess_cfg(self.model, o.model, o.pretrained, what=what)
-        self.input_size = (self.pre["size"],) * 2 if isinstance(self.pre["size"], int) else self.pre["size"]
+        self._what = f"CLIP weights ({o.model}, {o.pretrained})"
+        self._checkpoint, self._quick_gelu = openclip.resolve_pretrained(o.model, o.pretrained, what=self._what, option="pretrained")
+        self.build(load_dtype(o.dtype))
+        self.pre = openclip.pretrained_preprocess_cfg(self.model, o.model, o.pretrained, what=self._what)
+        self.input_size = openclip.input_size(self.pre)
+
+    def build(self, dtype: torch.dtype) -> None:
+        o = self.options
+        self.model, self.tokenizer = openclip.load_model(o.model, self._checkpoint, what=self._what, quick_gelu=self._quick_gelu, dtype=dtype)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         # set per call: the cached model may be shared with a reward that wants the other setting
@@ -111,11 +115,11 @@ class LAIONAesthetic(Reward):
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
-        what = f"CLIP weights ({o.clip_model}, {o.clip_pretrained}) of the aesthetic predictor"
-        path, quick_gelu = openclip.resolve_pretrained(o.clip_model, o.clip_pretrained, what=what, option="clip_pretrained")
-        self.model, _ = openclip.load_model(o.clip_model, path, what=what, quick_gelu=quick_gelu, dtype=o.dtype, vision_only=True)
-        self.pre = openclip.pretrained_preprocess_cfg(self.model, o.clip_model, o.clip_pretrained, what=what)
-        self.input_size = (self.pre["size"],) * 2 if isinstance(self.pre["size"], int) else self.pre["size"]
+        self._what = f"CLIP weights ({o.clip_model}, {o.clip_pretrained}) of the aesthetic predictor"
+        self._checkpoint, self._quick_gelu = openclip.resolve_pretrained(o.clip_model, o.clip_pretrained, what=self._what, option="clip_pretrained")
+        self.build(load_dtype(o.dtype))
+        self.pre = openclip.pretrained_preprocess_cfg(self.model, o.clip_model, o.clip_pretrained, what=self._what)
+        self.input_size = openclip.input_size(self.pre)
         head_path = hub.resolve(o.weights, what="LAION aesthetic predictor weights", option="weights")
         self.head = load_aesthetic_head(str(head_path))
         width = self.head.layers[0].in_features
@@ -132,6 +136,6 @@ class LAIONAesthetic(Reward):
         with torch.autocast(features.device.type, enabled=False):  # the small head in float32, autocast or not
             return self.head(features).squeeze(-1)
 
-    def use_precision(self, dtype: torch.dtype) -> None:
-        super().use_precision(dtype)
-        self.head.float()
+    def build(self, dtype: torch.dtype) -> None:  # the image tower only: the head stays float32
+        o = self.options
+        self.model, _ = openclip.load_model(o.clip_model, self._checkpoint, what=self._what, quick_gelu=self._quick_gelu, dtype=dtype, vision_only=True)

@@ -113,6 +113,18 @@ def test_a_pretrained_tag_sets_the_preprocessing(tiny_weights, monkeypatch):
         torch.testing.assert_close(reward(x, PROMPTS[:2]), 100 * (img * txt).sum(-1), atol=1e-4, rtol=0)
 
 
+def test_a_hub_repo_preprocess_config_sets_the_preprocessing(tiny_weights, tmp_path, monkeypatch):
+    """Weights given as a hub reference: the repo's open_clip_config.json preprocess_cfg applies (open_clip's hf-hub:)."""
+    from rewardkit import hub
+
+    config = tmp_path / "open_clip_config.json"
+    config.write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3, "resize_mode": "squash"}}))
+    files = {"someone/tiny": tiny_weights, "someone/tiny/open_clip_config.json": config}
+    monkeypatch.setattr(hub, "resolve", lambda ref, **kw: files[ref])
+    reward = CLIPScore(model=TINY, pretrained="someone/tiny")
+    assert (tuple(reward.pre["mean"]), tuple(reward.pre["std"]), reward.pre["resize_mode"]) == ((0.5,) * 3, (0.25,) * 3, "squash")
+
+
 @pytest.mark.parametrize("model, tag, mean, resize_mode", [
     ("ViT-H-14", "laion2b_s32b_b79k", open_clip.OPENAI_DATASET_MEAN, "shortest"),  # the paper's CLIP score
     ("ViT-L-14", "laion2b_s32b_b82k", (0.5, 0.5, 0.5), "shortest"),

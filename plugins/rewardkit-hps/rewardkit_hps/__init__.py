@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 
 import rewardkit
-from rewardkit.rewards import ModelDType, Reward, RewardOptions
+from rewardkit.rewards import ModelDType, Reward, RewardOptions, load_dtype
 
 __version__ = "0.1.0"
 
@@ -50,13 +50,16 @@ class HPS(Reward):
         from rewardkit_clip import openclip
 
         o = self.options
-        ref = o.weights or f"{HUB_REPO}/{CHECKPOINTS[o.version]}"
-        what = f"HPS {o.version} weights"
-        path = hub.resolve(ref, what=what, option="weights")
-        self.model, self.tokenizer = openclip.load_model(o.model, str(path), what=what, dtype=o.dtype)
-        self.pre = openclip.model_preprocess_cfg(self.model)
-        size = self.pre["size"]
-        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
+        self._what = f"HPS {o.version} weights"
+        self._checkpoint = str(hub.resolve(o.weights or f"{HUB_REPO}/{CHECKPOINTS[o.version]}", what=self._what, option="weights"))
+        self.build(load_dtype(o.dtype))
+        self.pre = openclip.model_preprocess_cfg(self.model)  # HPS v2's preprocess_val: open_clip's ViT-H-14 defaults
+        self.input_size = openclip.input_size(self.pre)
+
+    def build(self, dtype: torch.dtype) -> None:
+        from rewardkit_clip import openclip
+
+        self.model, self.tokenizer = openclip.load_model(self.options.model, self._checkpoint, what=self._what, dtype=dtype)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from rewardkit_clip import openclip

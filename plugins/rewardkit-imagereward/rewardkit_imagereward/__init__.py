@@ -9,6 +9,7 @@ transformers' BlipVisionModel + BlipTextModel through a weight-name mapping
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Sequence
 
 import torch
@@ -19,7 +20,7 @@ from rewardkit.rewards import ModelDType, Reward, RewardOptions, load_dtype
 
 __version__ = "0.1.0"
 
-_MODELS: dict[tuple, torch.nn.Module] = {}
+_MODELS: weakref.WeakValueDictionary[tuple, torch.nn.Module] = weakref.WeakValueDictionary()  # alive while a reward holds it
 _TOKENIZERS: dict[str, object] = {}
 _LOCK = threading.Lock()
 
@@ -46,13 +47,12 @@ class ImageReward(Reward):
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
-        self.net = load_model(o.weights, o.dtype)
+        self.build(load_dtype(o.dtype))
         self.tokenizer = load_tokenizer(o.tokenizer)
         self.input_size = (self.net.image_size, self.net.image_size)
 
-    def use_precision(self, dtype: torch.dtype) -> None:
-        super().use_precision(dtype)
-        self.net.mlp.float()  # the head stays float32, as load_model builds it
+    def build(self, dtype: torch.dtype) -> None:
+        self.net = load_model(self.options.weights, dtype)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from rewardkit.rewards.preprocess import preprocess
@@ -68,15 +68,17 @@ class ImageReward(Reward):
         return self.net(x.to(dtype), tokens.input_ids.to(images.device), tokens.attention_mask.to(images.device))
 
 
-def load_model(weights: str, dtype: str = "auto"):
-    """The ImageReward model with weights from `weights` (hub reference or local path), built once per process."""
+def load_model(weights: str, dtype: torch.dtype = torch.float32):
+    """The ImageReward model with weights from `weights` (hub reference or local path), its BLIP encoders in `dtype`
+    and its MLP head in float32; built once per process and dtype while some reward holds it (never cast in place)."""
     from rewardkit import hub
     from rewardkit_imagereward.model import ImageRewardModel, convert_state_dict, shapes_from_checkpoint
 
     path = hub.resolve(weights, what="ImageReward v1.0 weights", option="weights")
     key = (str(path), dtype)
     with _LOCK:
-        if key not in _MODELS:
+        model = _MODELS.get(key)
+        if model is None:
             state = hub.load_state_dict(path, what="ImageReward v1.0 weights")
             try:
                 model = ImageRewardModel(shapes_from_checkpoint(state))
@@ -86,10 +88,10 @@ def load_model(weights: str, dtype: str = "auto"):
             missing, unexpected = model.load_state_dict(converted, strict=False)
             if missing or unexpected:
                 raise UserError(f"ImageReward v1.0 weights: {path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            model = model.to(load_dtype(dtype))
+            model = model.to(dtype)
             model.mlp.float()
-            _MODELS[key] = model.eval().requires_grad_(False)
-        return _MODELS[key]
+            model = _MODELS[key] = model.eval().requires_grad_(False)
+        return model
 
 
 def load_tokenizer(ref: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -41,7 +42,7 @@ NON_DIFFERENTIABLE = frozenset(
 DATASET_METRICS = frozenset({"fid", "sfid", "fid_dinov2", "inception_score"})
 """Metrics of image sets, not of single images: no per-image reward."""
 
-_METRICS: dict[tuple, Any] = {}
+_METRICS: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()  # alive while a reward holds it
 _LOCK = threading.Lock()
 
 
@@ -76,10 +77,14 @@ class PyIQA(Reward):
             raise UserError(
                 f"pyiqa metric '{o.metric}' has no bounded score range ({config.get('score_range')!r}), so `rescale` cannot be used with it"
             )
-        metric = _create(o.metric, o.metric_options, o.dtype)
-        self.net = metric.net
-        self.lower_better = bool(metric.lower_better)
+        self.build(load_dtype(o.dtype))
+        self.lower_better = bool(self._metric[0].lower_better)
         self.differentiable = o.differentiable if o.differentiable is not None else o.metric not in NON_DIFFERENTIABLE
+
+    def build(self, dtype: torch.dtype) -> None:
+        metric = _create(self.options.metric, self.options.metric_options, dtype)
+        self._metric = (metric,)  # holds the cached metric (a plain attribute: its network is registered as `net`)
+        self.net = metric.net
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         param = next(self.net.parameters(), None)  # some metrics (piqe, entropy) have no parameters
@@ -135,12 +140,13 @@ def metric_config(metric: str) -> dict:
     return DEFAULT_CONFIGS[metric]
 
 
-def _create(metric: str, metric_options: dict, dtype: str):
+def _create(metric: str, metric_options: dict, dtype: torch.dtype):
     import pyiqa
 
     key = (metric, json.dumps(metric_options, sort_keys=True, default=str), dtype)
     with _LOCK:
-        if key not in _METRICS:
+        m = _METRICS.get(key)
+        if m is None:
             try:
                 m = pyiqa.create_metric(metric, as_loss=False, device="cpu", **metric_options)
             except (OSError, ConnectionError) as exc:  # URLError, LocalEntryNotFoundError, HTTP errors: missing weights
@@ -152,9 +158,9 @@ def _create(metric: str, metric_options: dict, dtype: str):
                 ) from None
             except TypeError as exc:
                 raise UserError(f"pyiqa metric '{metric}': bad metric_options {metric_options}: {exc}") from None
-            m.net.to(load_dtype(dtype)).eval().requires_grad_(False)
+            m.net.to(dtype).eval().requires_grad_(False)
             _METRICS[key] = m
-        return _METRICS[key]
+        return m
 
 
 @rewardkit.hookimpl
