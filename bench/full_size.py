@@ -179,7 +179,7 @@ def planned_bytes(row: dict) -> dict:
         frozen = sum(parts.values()) - trainable
         reference = trainable * 4  # theta_0 in float32, for weight L2
     encoders = sum(v for k, v in parts.items() if k.startswith("text_encoder")) if family == "sd3" else 0
-    rewards = reward_params()
+    rewards = reward_params(row.get("rewards", REWARDS))
     reward_size = DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[row["reward_dtype"]]].itemsize if row.get("reward_dtype") else frozen_size
     out = {
         "frozen_gb": frozen * frozen_size / GB,
@@ -193,14 +193,14 @@ def planned_bytes(row: dict) -> dict:
     return out
 
 
-def reward_params() -> int:
+def reward_params(names) -> int:
     import open_clip
     from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
 
     vit_h = _numel(open_clip.create_model("ViT-H-14", pretrained=None, device="meta"))
     with torch.device("meta"):
         ir = _numel(ImageRewardModel(full_size_shapes()))
-    return 2 * vit_h + ir  # HPS v2.1 and CLIP score are two ViT-H-14s (different weights)
+    return sum({"hps": vit_h, "clip_score": vit_h, "imagereward": ir}[n] for n in names)  # HPS and CLIP score: two ViT-H-14s
 
 
 def available_gb(device: str) -> float:
@@ -234,7 +234,7 @@ def run_row(row: dict) -> dict:
     pipe = build_pipeline(family, dtype, row.get("t5_blocks"), device=device)  # random initialization where it will run
     generator = full_size_generator(family, pipe, **generator_options(family, row))
     tmp = Path(tempfile.mkdtemp(prefix="rk-full-size-"))
-    rewards = build_full(tmp, names=REWARDS, **({"dtype": row["reward_dtype"]} if row.get("reward_dtype") else {}))
+    rewards = build_full(tmp, names=row.get("rewards", REWARDS), **({"dtype": row["reward_dtype"]} if row.get("reward_dtype") else {}))
     regularizers = {name: registry.get("regularizer", opts.pop("type", name))(**opts) for name, opts in
                     ((n, dict(o)) for n, o in recipe.get("regularizers", {}).items())}
     peaks = {}
@@ -352,6 +352,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU (which emulates bf16 slowly)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
+    parser.add_argument("--rewards", default=",".join(REWARDS), help="the R0 rewards to train on (default: all three)")
     parser.add_argument("--reward-dtype", choices=["float32", "bfloat16", "float16"], help="the rewards' dtype option (default: auto, the run's precision)")
     parser.add_argument("--t5-blocks", type=int, default=None, help="T5-XXL blocks to build (default: all 24)")
     parser.add_argument("--encoders", action="store_true", help="measure the text encoders' forward time per prompt instead")
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    rewards = f"rewards in {args.reward_dtype}" if args.reward_dtype else "rewards in the run's precision"
+    rewards = f"rewards {args.rewards} in " + (args.reward_dtype or "the run's precision")
     print(f"{where}, torch {torch.__version__}, {precision}, {rewards}, batch {args.batch}, K = 4 (the recipes'), median of {args.steps} steps after 1 warm-up\n")
     if args.plan:
         print_plan(precision, args.reward_dtype)
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
     trainings = args.training.split(",")
     for family, size, training, ckpt in parse_rows(args.rows, trainings, [c == "on" for c in args.checkpointing.split(",")]):
         row = {"family": family, "size": size, "training": training, "checkpointing": ckpt, "precision": precision,
-               "batch": args.batch, "steps": args.steps, "device": device, "t5_blocks": args.t5_blocks if family == "sd3" else None, "reward_dtype": args.reward_dtype}
+               "batch": args.batch, "steps": args.steps, "device": device, "t5_blocks": args.t5_blocks if family == "sd3" else None, "reward_dtype": args.reward_dtype, "rewards": args.rewards.split(",")}
         r = child(row)
         results.append({**row, **r})
         plan = r["plan"]

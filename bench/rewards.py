@@ -149,7 +149,8 @@ def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imager
     from rewardkit import hub
     from rewardkit_clip import openclip
 
-    hub.resolve = lambda ref, **kw: "unused"
+    resolve = hub.resolve
+    hub.resolve = lambda ref, **kw: resolve(ref, **kw) if Path(ref).exists() else Path("unused")  # local files (a vocabulary) still load
     openclip.resolve_pretrained = lambda *a, **kw: ("unused", False)
     openclip.load_model = _random_open_clip
     import rewardkit_clip.rewards as cr
