@@ -148,7 +148,7 @@ def recipe_of(family: str) -> dict:
 def generator_options(family: str, row: dict) -> dict:
     options = {k: v for k, v in recipe_of(family)["generator"].items() if k not in ("type", "model")}
     options.update(height=row["size"], width=row["size"], training=row["training"], gradient_checkpointing=row["checkpointing"],
-                   weights_dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[row["precision"]])
+                   weights_dtype=str(DTYPES[row["precision"]]).removeprefix("torch."))
     if family == "sd3":
         options["text_encoders"] = "free"
     return options
@@ -180,7 +180,7 @@ def planned_bytes(row: dict) -> dict:
         reference = trainable * 4  # theta_0 in float32, for weight L2
     encoders = sum(v for k, v in parts.items() if k.startswith("text_encoder")) if family == "sd3" else 0
     rewards = reward_params(row.get("rewards", REWARDS))
-    reward_size = DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[row["reward_dtype"]]].itemsize if row.get("reward_dtype") else frozen_size
+    reward_size = getattr(torch, row["reward_dtype"]).itemsize if row.get("reward_dtype") else frozen_size
     out = {
         "frozen_gb": frozen * frozen_size / GB,
         "encoders_gb": encoders * frozen_size / GB,  # dropped after set-up (text_encoders = "free")
