@@ -1,20 +1,30 @@
-"""Atomic checkpoints: a checkpoint either exists whole or not at all.
+"""Atomic, verified checkpoints: a checkpoint exists whole or not at all, and a damaged one is never trained from.
 
     checkpoints/step_000100/
         generator.safetensors   trainable weights
         optimizer.pt            optimizer + LR schedule state, fp16 loss scale (loaded weights_only)
         rng.safetensors         data-sampling and torch RNG states
         generator_ema.safetensors   the EMA of the trainable weights (optimizer.ema_decay only)
-        state.json              step and counters; written last
+        state.json              step, counters and each file's size and SHA-256; written last
 
-Everything is written into a hidden temporary folder, flushed to disk, and
-renamed into place in one step, so a crash or kill mid-write leaves at most
-a `.tmp-*` folder that is never read and is cleaned up on the next save.
+Everything is written into a hidden temporary folder, flushed to disk (files
+and the folder's entries), and renamed into place in one step, so a crash,
+kill or full disk mid-write leaves at most a `.tmp-*` folder that is never
+read and is cleaned up on the next save. Re-saving a step first renames the
+old copy to `step_000100.previous`, which readers take while the new one is
+not there yet: at no moment is there no complete checkpoint of that step.
+
+`usable_checkpoint` checks a checkpoint's files against state.json before
+anything loads it; one that does not match (truncated or edited weights, a
+garbage state.json, a file missing) is set aside as `damaged-step_000100`
+(renamed, never deleted) and the newest intact older one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,7 +33,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
+from rewardkit.durable import WRITE_ERRORS, failure, fsync
+from rewardkit.errors import UserError, WriteFailed
+
+log = logging.getLogger("rewardkit")
+
+STEP_DIR = re.compile(r"^step_(\d{6,})(\.previous)?$")  # .previous: the old copy while a step is re-saved
 COMPLETE_MARKER = "state.json"
 EMA_FILE = "generator_ema.safetensors"
 
@@ -33,28 +48,46 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng_state, state: dict, keep: int, ema_state=None) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep`."""
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep`. A refused write (no space, a
+    file-size limit, an I/O error) raises WriteFailed and leaves the checkpoints there were untouched."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in generator_state.items()}, tmp / "generator.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    save_file(rng_state, tmp / "rng.safetensors")
-    if ema_state is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, tmp / EMA_FILE)
-    (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **state}, indent=2))
-    for f in tmp.iterdir():
-        fsync(f)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        _discard(final)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in generator_state.items()}, tmp / "generator.safetensors")
+        with open(tmp / "optimizer.pt", "wb") as f:  # through Python's file: a refused write says why (torch's own: "iostream error")
+            torch.save(optimizer_state, f)
+        save_file(rng_state, tmp / "rng.safetensors")
+        if ema_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, tmp / EMA_FILE)
+        files = {f.name: _fingerprint(f) for f in sorted(tmp.iterdir())}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **state, "files": files}, indent=2))
+        for f in tmp.iterdir():
+            fsync(f)
+        fsync(tmp)  # the folder's entries, before it takes the final name
+    except WRITE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteFailed(f"writing checkpoint {final} failed: {failure(exc)}") from exc
+    previous = final.with_name(final.name + ".previous")
+    if final.exists():  # re-saving the same step (e.g. after a resume from an older checkpoint): replace it
+        if previous.exists():
+            _discard(previous)
+        os.replace(final, previous)
     os.replace(tmp, final)
     fsync(root)
+    if previous.exists():
+        _discard(previous)
     for old in list_checkpoints(root)[:-keep]:
         _discard(old)
     return final
+
+
+def _fingerprint(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def _discard(path: Path) -> None:
@@ -65,11 +98,16 @@ def _discard(path: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Complete checkpoints under `root` (with state.json written), oldest first; of a step being re-saved,
+    the new copy once it is there, the previous one until then."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
-    return [p for _, p in sorted(found)]
+    found = {}
+    for p in root.iterdir():
+        if (m := STEP_DIR.match(p.name)) and (p / COMPLETE_MARKER).is_file():
+            if m.group(2) is None or int(m.group(1)) not in found:
+                found[int(m.group(1))] = p
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -77,9 +115,100 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None when they are as state.json recorded them."""
+    try:
+        state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{COMPLETE_MARKER} does not parse ({failure(exc)})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{COMPLETE_MARKER} is not a rewardkit checkpoint's (no step)"
+    if "files" not in state:  # written before rewardkit recorded checksums
+        return _verify_unrecorded(path)
+    if not isinstance(state["files"], dict):
+        return f"{COMPLETE_MARKER}'s file list is not a table"
+    for name in ("generator.safetensors", "optimizer.pt", "rng.safetensors"):
+        if name not in state["files"]:
+            return f"{COMPLETE_MARKER} lists no {name}"
+    for name, recorded in state["files"].items():
+        f = path / str(name)
+        if not isinstance(recorded, dict) or Path(str(name)).name != name:
+            return f"{COMPLETE_MARKER}'s entry for {name!r} is not a file record"
+        if not f.is_file():
+            return f"{name} is missing"
+        try:
+            actual = _fingerprint(f)
+        except OSError as exc:
+            return f"{name} cannot be read ({failure(exc)})"
+        if actual["bytes"] != recorded.get("bytes"):
+            return f"{name} has {actual['bytes']} bytes, {recorded.get('bytes')} were written (truncated or replaced)"
+        if actual["sha256"] != recorded.get("sha256"):
+            return f"{name} does not match its checksum (changed or damaged since it was written)"
+    return None
+
+
+def _verify_unrecorded(path: Path) -> str | None:
+    """A checkpoint without recorded checksums: its files parse whole (safetensors checks its data against its
+    header's sizes; optimizer.pt is a zip archive whose members carry CRC-32s)."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("generator.safetensors", "rng.safetensors", "optimizer.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        for name in ("generator.safetensors", "rng.safetensors", EMA_FILE):
+            if (path / name).is_file():
+                with safe_open(path / name, "pt") as f:
+                    f.keys()
+        with zipfile.ZipFile(path / "optimizer.pt") as z:
+            if (bad := z.testzip()) is not None:
+                return f"optimizer.pt: member {bad} does not match its CRC"
+    except (OSError, SafetensorError, zipfile.BadZipFile) as exc:
+        return f"its files do not parse ({failure(exc)})"
+    return None
+
+
+def usable_checkpoint(root: Path, set_aside: bool = True) -> Path | None:
+    """The newest intact checkpoint under `root`, None when there is none at all.
+
+    Newer damaged ones are reported and (`set_aside`) renamed to damaged-step_N so that no later run takes
+    them; when every checkpoint is damaged, UserError names them."""
+    damaged = []
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if damaged:
+                log.warning("using %s, the newest intact checkpoint", path)
+            return path
+        damaged.append(path)
+        where = _set_aside(path) if set_aside else path
+        log.warning("checkpoint %s is damaged: %s; %s", path, problem, f"set aside as {where.name}" if set_aside else "skipped")
+    if damaged:
+        raise UserError(
+            f"no intact checkpoint in {root}: {', '.join(p.name for p in damaged)} "
+            f"{'are' if len(damaged) > 1 else 'is'} damaged{' (set aside as damaged-*)' if set_aside else ''}; "
+            "start a new run (or copy an intact checkpoint back)"
+        )
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    for n in range(1, 1000):
+        target = path.with_name(f"damaged-{path.name}" + (f"-{n}" if n > 1 else ""))
+        if not target.exists():
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:  # a live run rotated it away meanwhile
+                return path
+            return target
+    raise UserError(f"cannot set {path} aside: too many damaged-{path.name}* folders; remove some")
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     """(generator state, optimizer state, rng state, state.json) of a checkpoint."""
-    state = json.loads((path / COMPLETE_MARKER).read_text())
+    state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
     generator_state = load_file(path / "generator.safetensors")
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     rng_state = load_file(path / "rng.safetensors")
@@ -89,12 +218,3 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
 def load_ema(path: Path) -> dict | None:
     """The EMA weights of a checkpoint, or None when the run kept none."""
     return load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
-
-
-def fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

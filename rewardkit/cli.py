@@ -1,7 +1,9 @@
 """The `rewardkit` command line.
 
 Exit codes: 0 success; 2 bad input (recipe, arguments, missing weights) with
-a short message and no traceback; 1 unexpected failure. Only the standard
+a short message and no traceback; 1 a failure that is not the input's: a
+refused write (a full disk) or a diverged run with a message, a bug with a
+traceback. Only the standard
 library is imported at start-up: each command imports what it needs.
 """
 
@@ -14,6 +16,36 @@ import os
 import sys
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def at_least(minimum: int):
+    """An argparse type: a whole number >= minimum (argparse reports a bad one: exit 2, the argument named)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def above(minimum: float):
+    """An argparse type: a finite number > minimum."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > minimum and value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number above {minimum:g}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
@@ -35,14 +67,14 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. run.steps=100 rewards.color.weight=2")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run directory")
     p.add_argument(
-        "--num-processes", type=int, default=1, metavar="N",
+        "--num-processes", type=at_least(1), default=1, metavar="N",
         help="data-parallel processes on this machine (GPUs; CPU processes with gloo where there are none); the accelerate "
         "configuration is run.accelerate_config",
     )
-    p.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part (multi-node; run the same command on each)")
-    p.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1 (machine 0 writes the run directory)")
+    p.add_argument("--num-machines", type=at_least(1), default=1, metavar="M", help="machines taking part (multi-node; run the same command on each)")
+    p.add_argument("--machine-rank", type=at_least(0), default=0, metavar="R", help="this machine's rank, 0..M-1 (machine 0 writes the run directory)")
     p.add_argument("--main-process-ip", metavar="IP", help="the address of machine 0 (needed with --num-machines > 1)")
-    p.add_argument("--main-process-port", type=int, default=29500, metavar="PORT", help="a free port on machine 0 (default 29500)")
+    p.add_argument("--main-process-port", type=at_least(1), default=29500, metavar="PORT", help="a free port on machine 0 (default 29500)")
 
     p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     p.add_argument("recipe")
@@ -55,7 +87,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("sample", parents=[common], help="generate images with a trained generator")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--prompt", required=True)
-    p.add_argument("-n", type=int, default=4, help="number of images (default 4)")
+    p.add_argument("-n", type=at_least(1), default=4, help="number of images (default 4)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action="store_true", help="use the moving average of the weights (runs with optimizer.ema_decay)")
@@ -82,12 +114,12 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--reference", help="real images for FID: a folder, or a .safetensors file from --save-reference-stats")
     p.add_argument("--save-reference-stats", metavar="PATH", help="compute FID statistics of --reference and save them to PATH (.safetensors)")
     p.add_argument("--fid-weights", metavar="PATH", help="InceptionV3 weights file for FID (default: torch-fidelity's file in the torch hub cache)")
-    p.add_argument("--fid-dims", type=int, default=2048, help="Inception features for FID: 2048 (standard) or 64/192/768 (quick checks only)")
-    p.add_argument("--steps", type=int, help="sampler steps for every generator (default: each generator's own)")
-    p.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--fid-dims", type=int, choices=[64, 192, 768, 2048], default=2048, help="Inception features for FID: 2048 (standard) or 64/192/768 (quick checks only)")
+    p.add_argument("--steps", type=at_least(1), help="sampler steps for every generator (default: each generator's own)")
+    p.add_argument("-n", type=at_least(1), default=1, help="images per prompt (default 1)")
     p.add_argument("--out", default="eval", help="output folder (default ./eval); generated images are cached under OUT/images/")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE", help="an option of a metric's reward plugin (repeatable)")
     p.add_argument("--ema", action="store_true", help="run-directory generators use the moving average of their weights (runs with optimizer.ema_decay)")
 
@@ -98,16 +130,16 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("folder", help="a folder of real high-resolution images (searched recursively)")
     p.add_argument("--out", required=True, help="the .safetensors file to write (the `weights` of [rewards.high_resolution])")
-    p.add_argument("--resolution", type=int, default=1024, help="short side images are resized down to: the generator's output size (default 1024)")
-    p.add_argument("--crop", type=int, default=256, help="training crop size in px (default 256)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16, help="real crops per step; as many degraded copies are added (default 16)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-factor", type=float, default=2.0, help="smallest down-sampling factor of the negatives (default 2)")
-    p.add_argument("--max-factor", type=float, default=4.0, help="largest down-sampling factor of the negatives (default 4)")
-    p.add_argument("--width", type=int, default=32, help="channels of the classifier's first layer (default 32)")
+    p.add_argument("--resolution", type=at_least(8), default=1024, help="short side images are resized down to: the generator's output size (default 1024)")
+    p.add_argument("--crop", type=at_least(8), default=256, help="training crop size in px (default 256)")
+    p.add_argument("--steps", type=at_least(1), default=2000)
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="real crops per step; as many degraded copies are added (default 16)")
+    p.add_argument("--lr", type=above(0), default=1e-3)
+    p.add_argument("--min-factor", type=above(1), default=2.0, help="smallest down-sampling factor of the negatives (default 2)")
+    p.add_argument("--max-factor", type=above(1), default=4.0, help="largest down-sampling factor of the negatives (default 4)")
+    p.add_argument("--width", type=at_least(1), default=32, help="channels of the classifier's first layer (default 32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes decoding images (default: up to 4)")
+    p.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1), help="data-loading processes decoding images (default: up to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     for name, command in sorted((commands or {}).items()):
@@ -134,7 +166,11 @@ def _plugin_commands(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_plugin_commands(argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # KEY=VALUE after an option (`run r.toml --resume run.steps=10`): argparse stops at the option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from rewardkit import __version__
 
@@ -145,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     _setup_logging()
 
-    from rewardkit.errors import TrainingDiverged, UserError
+    from rewardkit.errors import TrainingDiverged, UserError, WriteFailed
 
     try:
         command = getattr(args, "plugin_command", None)
@@ -159,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except TrainingDiverged as exc:
         print(f"rewardkit: training diverged: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except WriteFailed as exc:
+        print(f"rewardkit: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("rewardkit: interrupted; resume with --resume", file=sys.stderr)
@@ -189,16 +228,21 @@ def cmd_run(args) -> int:
     recipe_path, overrides = _split_recipe_args(args.recipe, args.overrides)
     registry = load_registry(args.plugin)
     recipe = load_recipe(recipe_path, overrides, registry=registry)
-    if (args.num_processes != 1 or args.num_machines != 1) and not distributed.launched():
-        from pathlib import Path
-
-        from rewardkit.rundir import check_run_dir
-
+    launching = (args.num_processes != 1 or args.num_machines != 1) and not distributed.launched()
+    if launching:
         machines = distributed.Machines.check(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
-        if machines.rank == 0:  # here, not in N processes: one message, exit 2 (machine 0 writes the run directory)
-            check_run_dir(Path(recipe.run.dir), args.resume)
         config = distributed.check(recipe.run.batch_size, args.num_processes * machines.count, recipe.run.accelerate_config,
                                    recipe.run.gradient_accumulation_steps, local_processes=args.num_processes)
+    if distributed.is_main_process() and (not launching or machines.rank == 0):
+        # before any model loads (a reward may load its model when built), and here rather than in N processes:
+        # one message, exit 2. Machine 0 writes the run directory; the training process takes the lock for good.
+        from pathlib import Path
+
+        from rewardkit.rundir import check_run_dir, claim_run_dir
+
+        check_run_dir(Path(recipe.run.dir), args.resume)
+        claim_run_dir(Path(recipe.run.dir)).release()
+    if launching:
         child = ["run", *([args.recipe] if args.recipe else []), *args.overrides, *(["--resume"] if args.resume else [])]
         for path in args.plugin:
             child += ["--plugin", os.path.abspath(path)]
@@ -256,16 +300,14 @@ def cmd_plugins(args) -> int:
 def cmd_sample(args) -> int:
     from pathlib import Path
 
-    from rewardkit.errors import UserError
+    from rewardkit.durable import writable_dir
     from rewardkit.plugins import load_registry
     from rewardkit.images import fixed_noise, generate, save_grid, save_pngs
     from rewardkit.rundir import load_generator
 
-    if args.n < 1:
-        raise UserError(f"-n must be at least 1, got {args.n}")
+    out = writable_dir(Path(args.out), "--out")  # before the model loads
     generator, _, checkpoint = load_generator(args.path, registry=load_registry(args.plugin), ema=args.ema)
     images = generate(generator, [args.prompt] * args.n, fixed_noise(generator, args.n, args.seed))
-    out = Path(args.out)
     paths = save_pngs(images, out)
     save_grid(images, out / "grid.png")
     print(f"wrote {len(paths)} images and grid.png to {out} (from {checkpoint})")
@@ -284,6 +326,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
+    from rewardkit.durable import writable_dir, writable_file
     from rewardkit.errors import UserError
     from rewardkit.evaluation import FID, evaluate
     from rewardkit.plugins import load_registry
@@ -291,6 +334,7 @@ def cmd_eval(args) -> int:
     if args.save_reference_stats:
         if not args.reference:
             raise UserError("--save-reference-stats needs --reference DIR, the folder of real images")
+        writable_file(Path(args.save_reference_stats), "--save-reference-stats")
         fid = FID(args.fid_weights, args.fid_dims)
         fid.add_reference(Path(args.reference), args.batch_size)
         fid.save_reference(Path(args.save_reference_stats))
@@ -299,8 +343,7 @@ def cmd_eval(args) -> int:
             return EXIT_OK
     if not args.generators or not args.prompts:
         raise UserError("rewardkit eval needs at least one GENERATOR_SPEC and --prompts FILE")
-    if args.n < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise UserError("-n, --batch-size and --steps must be at least 1")
+    writable_dir(Path(args.out), "--out")
     metrics = args.metrics or ("hps,aesthetic,clip,imagereward" + (",fid" if args.reference else ""))
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     evaluate(
@@ -316,8 +359,10 @@ def cmd_eval(args) -> int:
 def cmd_train_hires(args) -> int:
     from pathlib import Path
 
+    from rewardkit.durable import writable_file
     from rewardkit.hires_training import train
 
+    writable_file(Path(args.out), "--out")
     info = train(
         Path(args.folder), Path(args.out), resolution=args.resolution, crop=args.crop, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, min_factor=args.min_factor, max_factor=args.max_factor, width=args.width, seed=args.seed, workers=args.workers,

@@ -140,7 +140,7 @@ def _read_config(path: Path) -> dict:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
         raise UserError(f"accelerate config {path}: cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"accelerate config {path}: expected a mapping of settings")

@@ -2,7 +2,8 @@
 
 Anything raised as a `UserError` is reported by the CLI as a short message with
 exit code 2 and no traceback: a bad recipe, a bad argument, missing weights.
-Everything else is a bug or an environment failure and exits 1 with a traceback.
+A `WriteFailed` (a full disk) or `TrainingDiverged` exits 1 with a message;
+everything else is a bug and exits 1 with a traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class RecipeError(UserError):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps produced NaN or Inf; the run stopped."""
+
+
+class WriteFailed(Exception):
+    """The machine refused a write (no space left, a file-size limit, an I/O error); what was written before
+    is intact. The CLI reports it without a traceback (exit 1: not the input's fault)."""
 
 
 def did_you_mean(word: str, choices) -> str:

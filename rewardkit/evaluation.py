@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from rewardkit.durable import write_text_atomic
 from rewardkit.errors import UserError, did_you_mean
 from rewardkit.recipe import parse_override
 
@@ -113,8 +114,12 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
     expanded = [p for p in prompts for _ in range(n)]
     paths = [folder / f"{i:05d}.png" for i in range(len(expanded))]
     if manifest.is_file() and all(p.is_file() for p in paths):
-        log.info("%s: reusing %d cached images in %s", spec.label, len(paths), folder)
-        return paths, json.loads(manifest.read_text()).get("ms_per_image"), key
+        try:
+            ms = json.loads(manifest.read_text(encoding="utf-8")).get("ms_per_image")
+            log.info("%s: reusing %d cached images in %s", spec.label, len(paths), folder)
+            return paths, ms, key
+        except (ValueError, AttributeError):  # a damaged manifest: the cache is not trusted, the images are made again
+            log.warning("%s: %s does not parse; generating the images again", spec.label, manifest)
 
     import time
 
@@ -137,7 +142,7 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
         for j, img in enumerate(images):
             save_image(img, paths[start + j])
     ms = 1000 * elapsed / len(expanded)
-    manifest.write_text(json.dumps({**key_data, "ms_per_image": ms, "label": spec.label}, indent=2))
+    write_text_atomic(manifest, json.dumps({**key_data, "ms_per_image": ms, "label": spec.label}, indent=2))
     return paths, ms, key
 
 
@@ -385,9 +390,9 @@ def write_table(rows: list[Row], metrics: Sequence[str], out: Path) -> None:
         lines += ["", f"{PAPER_COLUMNS.get(m, m)} by style", "", "| Model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
         for row in rows:
             lines.append(f"| {row.label} | " + " | ".join(_fmt(row.by_style.get(s, {}).get(m)) for s in styles) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     data = {"columns": {m: PAPER_COLUMNS.get(m, m) for m in ordered}, "rows": [row.__dict__ for row in rows]}
-    (out / "results.json").write_text(json.dumps(data, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(data, indent=2))
 
 
 def _fmt(value, digits: int = 2) -> str:

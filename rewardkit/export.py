@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rewardkit.durable import writable_dir, write_text_atomic
 from rewardkit.errors import UserError
 from rewardkit.generators.diffusion import DTYPES, DiffusionGenerator
 from rewardkit.rundir import load_generator
@@ -29,12 +30,12 @@ def export(path: str | Path, format: str, out: str | Path, registry, ema: bool =
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
+    writable_dir(out, "--out")  # before the model loads
     generator, _, checkpoint = load_generator(path, registry=registry, ema=ema)
     if not isinstance(generator, DiffusionGenerator):
         raise UserError(f"generator '{generator.name}' cannot be exported: only diffusion generators (sd, sd3) write diffusers formats")
-    out.mkdir(parents=True, exist_ok=True)
     export_generator(generator, out, format)
     return out
 
@@ -57,7 +58,7 @@ def export_generator(generator: DiffusionGenerator, out: str | Path, format: str
     else:
         raise UserError(f"unknown export format {format!r}; choose 'diffusers' or 'lora'")
     settings = generator.sampling_settings() | {"format": format}
-    (out / "rewardkit_export.json").write_text(json.dumps(settings, indent=2))
+    write_text_atomic(out / "rewardkit_export.json", json.dumps(settings, indent=2))
     return out
 
 

@@ -9,12 +9,13 @@ generator protocol (`noise_shape`, `sample_options`, `forward`) duck-typed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torchvision.utils import make_grid, save_image
+
+from rewardkit.durable import atomic_write
 
 
 def fixed_noise(generator, n: int, seed: int, device=None) -> torch.Tensor:
@@ -63,20 +64,18 @@ def optimized_images(generator, prompts: Sequence[str], batch_size: int = 8) -> 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
     """One PNG grid, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     nrow = nrow or max(1, int(len(images) ** 0.5 + 0.5))
-    save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, f"sample grid {path}") as tmp:
+        save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), tmp)
 
 
 def save_pngs(images: torch.Tensor, out_dir: Path, prefix: str = "", start: int = 0) -> list[Path]:
-    """One PNG per image, numbered from `start`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """One PNG per image, numbered from `start`, each written atomically."""
     paths = []
     for i, img in enumerate(images, start):
         path = out_dir / f"{prefix}{i:04d}.png"
-        save_image(img, path)
+        with atomic_write(path) as tmp:
+            save_image(img, tmp)
         paths.append(path)
     return paths
 

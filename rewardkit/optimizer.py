@@ -37,14 +37,15 @@ import torch
 from pydantic import ValidationError
 
 from rewardkit import distributed
-from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, save_checkpoint
+from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, save_checkpoint, usable_checkpoint
+from rewardkit.durable import write_text_atomic
 from rewardkit.ema import EMA
-from rewardkit.errors import RecipeError, TrainingDiverged, UserError
+from rewardkit.errors import RecipeError, TrainingDiverged, UserError, WriteFailed
 from rewardkit.images import fixed_noise, generate, optimized_batches, save_grid, save_pngs
 from rewardkit.metrics import MetricsLog, read_metrics
 from rewardkit.options import describe_errors, validate_strict
 from rewardkit.recipe import Evaluation, OptimizerSection, PluginSpec, PromptsSection, Recipe, RunSection, check_plugins, load_recipe
-from rewardkit.rundir import check_run_dir, write_json, write_recipe, write_text_atomic
+from rewardkit.rundir import check_run_dir, claim_run_dir, write_json, write_recipe
 
 log = logging.getLogger("rewardkit")
 
@@ -159,11 +160,19 @@ class Optimizer:
 
     # ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
-        start_step = self._setup(resume)
-        record: dict = {}
-        for step in range(start_step + 1, self.run.steps + 1):
-            record = self._step(step)
-        return self._finish(record, start_step)
+        self._lock = None
+        try:
+            start_step = self._setup(resume)
+            record: dict = {}
+            for step in range(start_step + 1, self.run.steps + 1):
+                record = self._step(step)
+            return self._finish(record, start_step)
+        except WriteFailed as exc:  # a full disk: say what is safe, and how to go on
+            raise WriteFailed(f"{exc}. The last good checkpoint is {latest_checkpoint(self.run_dir / 'checkpoints') or 'none yet'}; "
+                              "free space, then continue with --resume") from exc
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def _step(self, step: int) -> dict:
         acc, run = self.accelerator, self.run
@@ -340,6 +349,8 @@ class Optimizer:
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
+        if distributed.is_main_process():  # before anything is built: an unwritable or busy directory costs nothing
+            self._lock = claim_run_dir(run_dir)
         _forget_other_precision(run.mixed_precision)
         acc = self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -357,6 +368,7 @@ class Optimizer:
             )
         acc.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
         self.main = acc.is_main_process
+        checkpoint = self._checkpoint_to_resume() if resume else None
         if run.batch_size % acc.num_processes:
             raise UserError(f"run.batch_size = {run.batch_size} does not divide evenly over {acc.num_processes} processes")
         torch.manual_seed(run.seed)
@@ -382,12 +394,7 @@ class Optimizer:
         self.data_rng = torch.Generator().manual_seed(run.seed)
         self.nonfinite_total, self.consecutive_bad = 0, 0
 
-        if self.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if checkpoint is None and resume:
-            log.info("nothing to resume in %s: starting from step 0", run_dir)
         # weights before prepare (FSDP shards what it is given), optimizer state after it
         optim_state, state = self._restore_weights(checkpoint) if checkpoint is not None else (None, {"step": 0})
         start_step = state["step"]
@@ -420,6 +427,20 @@ class Optimizer:
                     self.metrics.write({"step": 0, **evaluated})
         self.progress = tqdm(total=run.steps, initial=start_step, disable=not (run.progress and self.main), desc="rewardkit", dynamic_ncols=True)
         return start_step
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The newest intact checkpoint, chosen by rank 0 (which sets damaged ones aside) for every process."""
+        from accelerate.utils import broadcast_object_list
+
+        chosen = [None]
+        if self.main:
+            checkpoint = usable_checkpoint(self.run_dir / "checkpoints")
+            chosen = [None if checkpoint is None else checkpoint.name]
+            if checkpoint is None:
+                log.info("nothing to resume in %s: starting from step 0", self.run_dir)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(chosen)
+        return None if chosen[0] is None else self.run_dir / "checkpoints" / chosen[0]
 
     def _restore_weights(self, checkpoint: Path) -> tuple[dict, dict]:
         """Load a checkpoint's weights and RNG states; returns (optimizer state, state.json) for after prepare."""

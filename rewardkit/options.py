@@ -19,7 +19,7 @@ from rewardkit.errors import RecipeError, did_you_mean
 class PluginOptions(BaseModel):
     """Base of every plugin's `Options`: strict about unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no option means anything at inf or NaN
 
 
 def validate_strict(model: type[BaseModel], data):

@@ -1,11 +1,16 @@
 """Prompt files: plain text, JSON or CSV, and the HPS v2 benchmark's style folders.
 
-- `.txt` (or any other suffix): one prompt per line, blank lines skipped;
+- `.txt` (or any other suffix): one prompt per line;
 - `.json`: a list of strings, a list of objects with a "prompt" key, or an
   object mapping a style name to a list of prompts;
 - `.csv`: a column named "prompt" (and an optional "style" column);
 - a folder of `.json` files: each file is a style (the HPS v2 benchmark ships
   anime.json, concept-art.json, paintings.json and photo.json).
+
+Files are UTF-8; a byte-order mark (what spreadsheet programs write) is
+accepted and dropped. Prompts are stripped of surrounding whitespace and
+empty ones are skipped (blank lines, empty CSV cells). A file that is not
+UTF-8 text is refused with the line and the encoding it looks like.
 
 Every reader returns (prompts, styles) with one style (or None) per prompt.
 """
@@ -13,6 +18,7 @@ Every reader returns (prompts, styles) with one style (or None) per prompt.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -30,25 +36,59 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
             p, _ = _read_json(f)
             prompts += p
             styles += [f.stem] * len(p)
-        return prompts, styles
+        return _nonempty(path, prompts, styles)
     if not path.is_file():
         raise UserError(f"prompt file {path}: no such file")
     if path.suffix == ".json":
-        return _read_json(path)
+        return _nonempty(path, *_read_json(path))
     if path.suffix == ".csv":
-        return _read_csv(path)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line]
-    if not prompts:
-        raise UserError(f"prompt file {path} is empty")
-    return prompts, [None] * len(prompts)
+        return _nonempty(path, *_read_csv(path))
+    prompts = [line.strip() for line in read_text(path).splitlines()]
+    return _nonempty(path, prompts, [None] * len(prompts))
+
+
+def read_text(path: Path, what: str = "prompt file") -> str:
+    """A UTF-8 text file's content (a byte-order mark dropped); UserError naming the line and the encoding
+    the file looks like when it is not UTF-8 text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{what} {path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); {_looks_like(data)}") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise UserError(f"{what} {path}: line {line} holds a NUL byte; {_looks_like(data)}") from None
+    return text
+
+
+def _looks_like(data: bytes) -> str:
+    """What the file seems to be, for the message: its likely encoding (charset-normalizer's guess)."""
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data[:1_000_000]).best()
+    if best is None:
+        return "it is not text at all (a binary file?): give a text file, one prompt per line"
+    return f"the file looks like {best.encoding} text; save it as UTF-8 (e.g. iconv -f {best.encoding} -t utf-8)"
+
+
+def _nonempty(path: Path, prompts: list[str], styles: list) -> tuple[list[str], list[str | None]]:
+    kept = [(p.strip(), s) for p, s in zip(prompts, styles) if p.strip()]
+    if not kept:
+        raise UserError(f"prompt file {path} holds no prompts")
+    return [p for p, _ in kept], [s for _, s in kept]
 
 
 def _read_json(path: Path) -> tuple[list[str], list[str | None]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"prompt file {path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UserError(f"prompt file {path}: nested too deeply to be a prompt list") from None
     if isinstance(data, dict):
         prompts, styles = [], []
         for style, items in data.items():
@@ -74,9 +114,11 @@ def _json_list(path: Path, items) -> list[str]:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[str | None]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             raise UserError(f"prompt file {path}: no 'prompt' column (columns: {', '.join(reader.fieldnames or [])})")
         rows = list(reader)
-    return [r["prompt"] for r in rows], [r.get("style") or None for r in rows]
+    except csv.Error as exc:
+        raise UserError(f"prompt file {path}: not a valid CSV file (line {reader.line_num}: {exc})") from None
+    return [r["prompt"] or "" for r in rows], [r.get("style") or None for r in rows]

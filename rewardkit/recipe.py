@@ -33,7 +33,7 @@ DEFAULT_RECIPE = "quickstart"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML has inf and nan; no setting means anything there
 
 
 class RunSection(_Section):
@@ -211,13 +211,23 @@ def read_recipe_file(path: str | Path | None) -> tuple[dict, str, Path | None]:
                 f"recipe {path}: no such file, and no embedded recipe of that name{did_you_mean(str(path), embedded)}; "
                 f"embedded recipes: {', '.join(sorted(embedded))}"
             )
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"recipe {path}: cannot be read: {exc}") from None
+    from rewardkit.prompts import read_text
+
+    data = parse_toml(read_text(p, what="recipe"), str(path))
     return data, str(path), p.parent
+
+
+def parse_toml(text: str, source: str) -> dict:
+    """tomllib.loads, with whatever the parser raises on its input reported as an invalid recipe: not only
+    TOMLDecodeError (deep nesting exhausts its recursion, for one)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, [f"not valid TOML: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError(source, ["not valid TOML: arrays or tables nested too deeply"]) from None
+    except Exception as exc:  # noqa: BLE001 - the parser is the standard library's: a failure is its input's
+        raise RecipeError(source, [f"not valid TOML: {type(exc).__name__}: {exc}"]) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -227,7 +237,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. run.steps=100")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except Exception:  # noqa: BLE001 - not a TOML value (anything the parser raises, deep nesting included): a string
         value = raw
     return [k.strip() for k in key.split(".")], value
 

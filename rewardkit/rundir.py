@@ -7,10 +7,9 @@
     RUN_DIR/summary.json     the last step's metrics and the final checkpoint
     RUN_DIR/images/          noise-optimizing runs: one image per training prompt
 
-Whole-file writes go through `write_text_atomic` (a reader sees the old text
-or the new, never half of it); metrics.jsonl is appended line by line and
-cut back on resume (rewardkit.metrics), grids are written to a temporary name
-and renamed (rewardkit.images).
+Whole files are written atomically (rewardkit.durable: a reader sees the old
+file or the new, never half of one); metrics.jsonl is appended line by line
+and cut back on resume (rewardkit.metrics).
 """
 
 from __future__ import annotations
@@ -20,26 +19,25 @@ import logging
 import os
 from pathlib import Path
 
-from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema
-from rewardkit.errors import UserError
+from rewardkit.checkpoint import load_checkpoint, load_ema, usable_checkpoint, verify_checkpoint
+from rewardkit.durable import write_text_atomic
+from rewardkit.errors import UserError, WriteFailed
 from rewardkit.recipe import load_recipe
 
 log = logging.getLogger("rewardkit")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a run-directory file so a reader sees the old text or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
 
 
+LOCK_FILE, OWNER_FILE = ".lock", ".lock-owner.json"
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run never reuses a directory that holds one (UserError); --resume continues it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir = {str(run_dir)!r} is a file, not a folder; choose a folder with run.dir=...")
     if resume:
         return
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
@@ -49,19 +47,64 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
+def claim_run_dir(run_dir: Path):
+    """Create the run directory and take its one-writer lock, before anything is built; returns the held lock
+    (a filelock.FileLock: an OS lock the kernel releases when its holder dies, so a killed run never blocks
+    its resume). UserError when the folder cannot be written or another live process holds it."""
+    import datetime
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    def unwritable(exc: OSError) -> UserError:
+        return UserError(f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with run.dir=...")
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(exc) from None
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"run directory {run_dir} is in use: {_owner(run_dir)} is training in it (one writer per run "
+                        "directory); wait for it to finish or stop it, or choose another run.dir") from None
+    except OSError as exc:
+        raise unwritable(exc) from None
+    try:
+        write_json(run_dir / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                         "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+    except WriteFailed as exc:
+        lock.release()
+        raise UserError(f"run directory {run_dir} cannot be written ({exc}); choose another with run.dir=...") from None
+    return lock
+
+
+def _owner(run_dir: Path) -> str:
+    try:
+        owner = json.loads((run_dir / OWNER_FILE).read_text(encoding="utf-8"))
+        return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
 def write_recipe(run_dir: Path, recipe: dict, resumed: bool) -> None:
     """Save the resolved recipe as RUN_DIR/recipe.toml; on resume, warn about keys that changed."""
     import tomli_w
 
     path = run_dir / "recipe.toml"
     text = tomli_w.dumps(_drop_empty(recipe))
-    if resumed and path.exists() and path.read_text() != text:
+    if resumed and path.exists() and path.read_bytes() != text.encode():
         import tomllib
 
-        before = _flatten(tomllib.loads(path.read_text()))
-        after = _flatten(tomllib.loads(text))
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        log.warning("resuming with a recipe that differs from the saved one in: %s", ", ".join(changed))
+        try:
+            before = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+        except Exception:  # noqa: BLE001 - a damaged saved copy (anything the parser raises): it is replaced below
+            log.warning("the saved %s does not parse; replacing it with this run's recipe", path)
+        else:
+            after = _flatten(tomllib.loads(text))
+            changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            log.warning("resuming with a recipe that differs from the saved one in: %s", ", ".join(changed))
     write_text_atomic(path, text)
 
 
@@ -81,9 +124,11 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint) for a run directory (its newest checkpoint) or a checkpoint folder."""
     path = Path(path)
     if (path / "state.json").is_file():
+        if (problem := verify_checkpoint(path)) is not None:
+            raise UserError(f"checkpoint {path} is damaged: {problem}; name another checkpoint, or the run directory for its newest intact one")
         return path.parent.parent, path
     if (path / "recipe.toml").is_file():
-        checkpoint = latest_checkpoint(path / "checkpoints")
+        checkpoint = usable_checkpoint(path / "checkpoints")
         if checkpoint is None:
             raise UserError(f"{path} holds no complete checkpoint yet; train first, or name a checkpoint folder")
         return path, checkpoint

@@ -71,7 +71,7 @@ def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, wri
         (["--num-processes", "3"], "run.batch_size = 4 does not divide evenly over 3 processes"),
         (["run.accelerate_config=ddp.yaml", "--num-processes", "2"], "accelerate config ddp.yaml: no such file"),
         (["run.accelerate_config=dpp"], "run.accelerate_config: no shipped accelerate config named 'dpp' (did you mean 'ddp'?)"),
-        (["--num-processes", "0"], "--num-processes must be at least 1"),
+        (["--num-processes", "0"], "argument --num-processes: must be at least 1, got 0"),
     ]
     configs = {
         "fsdp1.yaml": ("distributed_type: FSDP\n", "rewardkit runs FSDP2; set fsdp_config.fsdp_version: 2"),
@@ -90,7 +90,10 @@ def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, wri
     assert main(["run", str(existing), "--num-processes", "2"]) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     for extra, message in cases:
-        code = main(["run", str(path), *extra])
+        try:
+            code = main(["run", str(path), *extra])
+        except SystemExit as exc:  # argparse's own errors (exit 2, the argument named)
+            code = exc.code
         err = capsys.readouterr().err
         assert code == 2, (extra, err)
         assert message in err, (extra, err)

@@ -16,6 +16,7 @@ import rewardkit.checkpoint as checkpoint_module
 from conftest import PLUGIN_FILES, pixels_recipe, run_cli
 from rewardkit import Optimizer
 from rewardkit.checkpoint import latest_checkpoint, list_checkpoints
+from rewardkit.errors import WriteFailed
 from rewardkit.metrics import read_metrics
 
 VOLATILE = ("time/", "memory/")
@@ -85,13 +86,14 @@ def test_checkpoint_interrupted_while_written_is_never_picked_up(tmp_path, monke
         real_save_file(tensors, path)
 
     monkeypatch.setattr(checkpoint_module, "save_file", dying_save_file)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteFailed, match=r"step_000006 failed: OSError: disk full \(simulated\)\. The last good checkpoint is .*step_000003"):
         Optimizer.from_recipe(recipe).fit()
     monkeypatch.setattr(checkpoint_module, "save_file", real_save_file)
 
     root = run_dir / "checkpoints"
     assert [p.name for p in list_checkpoints(root)] == ["step_000003"]
-    assert any(p.name.startswith(".tmp-step_000006") for p in root.iterdir()), "the half-written checkpoint stays hidden"
+    assert not any(p.name.startswith(".tmp-step_000006") for p in root.iterdir()), "a refused write removes its partial folder"
+    (root / ".tmp-step_000009-1234").mkdir()  # what a kill mid-write leaves: hidden, never read
     (root / "step_000009").mkdir()  # a step folder without state.json is not complete either
     assert latest_checkpoint(root).name == "step_000003"
 

@@ -105,10 +105,11 @@ def test_no_import_circles():
 @pytest.mark.parametrize(
     "module, allowed",
     [
-        ("rewardkit.images", set()),  # image helpers: torch and torchvision only
+        ("rewardkit.images", {"rewardkit.durable"}),  # image helpers: torch, torchvision, and atomic writes
         ("rewardkit.sampler", set()),  # the sampler knows nothing of pipelines
         ("rewardkit.errors", set()),
-        ("rewardkit.checkpoint", set()),
+        ("rewardkit.durable", {"rewardkit.errors"}),
+        ("rewardkit.checkpoint", {"rewardkit.durable", "rewardkit.errors"}),
         ("rewardkit.distributed", {"rewardkit.errors"}),
         ("rewardkit.recipe", {"rewardkit.errors", "rewardkit.options", "rewardkit.distributed", "rewardkit.prompts"}),
     ],
@@ -118,7 +119,7 @@ def test_low_layers_import_nothing_above_them(module, allowed):
 
 
 BASE = {"rewardkit", "rewardkit.errors", "rewardkit.options", "rewardkit.hookspecs", "rewardkit.lazy", "rewardkit.images", "rewardkit.sampler",
-        "rewardkit.distributed", "rewardkit.checkpoint", "rewardkit.hub", "rewardkit.prompts"}
+        "rewardkit.distributed", "rewardkit.checkpoint", "rewardkit.hub", "rewardkit.prompts", "rewardkit.durable"}
 
 
 def plugin_layer(module: str) -> bool:

@@ -65,18 +65,13 @@ def degrade(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 def save_classifier(model: HighResolutionClassifier, path: Path, info: dict) -> None:
     """Write the classifier and how it was trained to one .safetensors file, atomically."""
-    import os
-
     from safetensors.torch import save_file
 
-    from rewardkit.checkpoint import fsync
+    from rewardkit.durable import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": FORMAT, "width": str(model.width), "info": json.dumps(info)})
-    fsync(tmp)  # on disk before it takes the final name
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "width": str(model.width), "info": json.dumps(info)})
 
 
 def load_classifier(path: str | Path, who: str = "high_resolution") -> tuple[HighResolutionClassifier, dict]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewardkit.durable import write_text_atomic
 from rewardkit.images import save_grid
 from rewardkit.testbed import data
 from rewardkit.testbed.data import PACKAGED, weights_dir
@@ -181,6 +182,6 @@ def report_run(run_dir, *, registry, per_digit: int | None = None) -> str:
         # one row per digit, the first 10 samples of each
         pick = torch.cat([images[d * per_digit : d * per_digit + min(10, per_digit)] for d in range(10)])
         save_grid(pick, run_dir / "samples" / f"eval_{name}.png", nrow=min(10, per_digit))
-    (run_dir / "testbed_report.md").write_text(table + "\n")
-    (run_dir / "testbed_report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(run_dir / "testbed_report.md", table + "\n")
+    write_text_atomic(run_dir / "testbed_report.json", json.dumps(rows, indent=2) + "\n")
     return table
