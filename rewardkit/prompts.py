@@ -61,18 +61,21 @@ def read_text(path: Path, what: str = "prompt file") -> str:
         raise UserError(f"{what} {path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); {_looks_like(data)}") from None
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
-        raise UserError(f"{what} {path}: line {line} holds a NUL byte; {_looks_like(data)}") from None
+        raise UserError(f"{what} {path}: line {line} holds a NUL byte: a binary file, or UTF-16 without a byte-order mark? "
+                        "Save it as UTF-8 text") from None
     return text
 
 
 def _looks_like(data: bytes) -> str:
-    """What the file seems to be, for the message: its likely encoding (charset-normalizer's guess)."""
+    """What the file seems to be, for the message: charset-normalizer's guess at its encoding (on a few lines
+    of text a guess among look-alikes: cp1250 and cp1252 decode the same bytes)."""
     from charset_normalizer import from_bytes
 
     best = from_bytes(data[:1_000_000]).best()
     if best is None:
-        return "it is not text at all (a binary file?): give a text file, one prompt per line"
-    return f"the file looks like {best.encoding} text; save it as UTF-8 (e.g. iconv -f {best.encoding} -t utf-8)"
+        return "it is not text at all (a binary file?)"
+    return (f"charset-normalizer's guess for the file: {best.encoding}. Save it as UTF-8 (a spreadsheet's 'CSV UTF-8'; "
+            f"or iconv -f ENCODING -t utf-8)")
 
 
 def _nonempty(path: Path, prompts: list[str], styles: list) -> tuple[list[str], list[str | None]]:

@@ -88,11 +88,11 @@ def test_prompt_files_with_a_byte_order_mark_keep_it_out_of_the_first_prompt_and
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("p.txt", "a cat\ncafé crème\n".encode("cp1252"), "line 2 is not UTF-8 (byte 0xe9); the file looks like"),
-    ("p.txt", "a cat\na dog\n".encode("utf-16"), "line 1 is not UTF-8 (byte 0xff); the file looks like utf_16"),
+    ("p.txt", "a cat\ncafé crème\n".encode("cp1252"), "line 2 is not UTF-8 (byte 0xe9); charset-normalizer's guess for the file: cp"),
+    ("p.txt", "a cat\na dog\n".encode("utf-16"), "line 1 is not UTF-8 (byte 0xff); charset-normalizer's guess for the file: utf_16."),
     ("p.csv", "prompt\na cat\nna\xefve\n".encode("latin-1"), "line 3 is not UTF-8 (byte 0xef)"),
-    ("p.txt", bytes(range(256)) * 4, "is not UTF-8"),
-    ("p.txt", b"a cat\na\x00dog\n", "line 2 holds a NUL byte"),
+    ("p.txt", bytes(range(256)) * 4, "line 2 is not UTF-8 (byte 0x80); it is not text at all"),
+    ("p.txt", b"a cat\na\x00dog\n", "line 2 holds a NUL byte: a binary file, or UTF-16 without a byte-order mark?"),
     ("p.csv", b"text,style\na cat,photo\n", "no 'prompt' column (columns: text, style)"),
     ("p.csv", b"\n\n", "no 'prompt' column"),
     ("p.txt", b"\n \n\t\n", "holds no prompts"),
