@@ -1,23 +1,25 @@
-"""rewardkit's training step against a hand-written diffusers + peft loop doing the same work.
+"""rewardkit's training step against a hand-written diffusers + peft loop doing the same work, and trl's AlignPropTrainer.
 
-    python bench/peers.py                    # K = 4 all steps, K = 25 last step, K = 4 with CFG; 1 thread
-    python bench/peers.py --rounds 9 --steps 5
+    python bench/peers.py                          # K = 4 all steps, K = 25 last step, K = 4 with CFG; 1 thread
+    python bench/peers.py --rounds 100 --cases k4,cfg
+    /tmp/trl-venv/bin/python bench/peers.py --trl  # also trl 0.23.1's AlignPropTrainer (side environment: docs/benchmarks.md)
 
-Both train a LoRA (rank 4, on the UNet's attention projections) of the
-packaged testbed teacher (an SD 1.x pipeline) to raise the colour reward of
-its images, batch 8, Adam, no regularizer: prompts are embedded once (the
-loop keeps them; rewardkit's prompt cache does), noise is drawn per step,
-K DDIM steps at eta = 0 (diffusers' DDIMScheduler in the loop, rewardkit's
-sampler in rewardkit) with gradient through all steps or the last one, VAE
-decode, reward, backward, optimizer step. rewardkit's step is the whole
-`Optimizer` step: drawing the batch, the pathwise surrogate, the NaN guard,
-logging one metrics line. UNet calls are counted (a forward pre-hook) to
-show the work is the same.
+Each loop trains a LoRA (rank 4, on the UNet's attention projections) of
+the packaged testbed teacher (an SD 1.x pipeline) to raise the colour reward
+of its images, batch 8, Adam, no regularizer: noise drawn per step, K DDIM
+steps at eta = 0 (diffusers' DDIMScheduler in the loop and in trl,
+rewardkit's sampler in rewardkit) with gradient through all steps or the
+last one, VAE decode, reward, backward, optimizer step. rewardkit's step is
+the whole `Optimizer` step: drawing the batch, the prompt cache, the
+pathwise surrogate, the NaN guard, logging one metrics line.
 
-Timing: one torch thread, rounds interleaved (A then B, then B then A, ...)
-so that a shared machine's slow moments hit both; per step the median and
-the minimum over all rounds' steps. Memory: what a step's autograd graph
-holds for backward (saved tensors, parameters excluded), on an untimed step.
+Timing: CPU time of the process per step on one torch thread (the step's
+work; a shared machine's preemption does not count), rounds interleaved
+(A B, then B A, ...) after a warm-up; the ratio is the median over rounds of
+each loop's round median over the hand-written loop's, with a bootstrap
+interval. The work is counted: UNet calls (a forward pre-hook), FLOPs and
+aten operators (at torch's dispatcher), and what a step's autograd graph
+saves, on untimed steps.
 """
 
 from __future__ import annotations

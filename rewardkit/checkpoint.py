@@ -55,22 +55,29 @@ def save_checkpoint(root: Path, step: int, generator_state, optimizer_state, rng
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    generator_state = {k: v.detach().cpu().contiguous() for k, v in generator_state.items()}
+    ema_state = None if ema_state is None else {k: v.detach().cpu().contiguous() for k, v in ema_state.items()}
+    for stale in root.glob("step_*.previous"):  # a crash after a re-save's rename: the new copy is there, drop the old
+        if (root / stale.name.removesuffix(".previous") / COMPLETE_MARKER).is_file():
+            _discard(stale)
     try:
         tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in generator_state.items()}, tmp / "generator.safetensors")
+        save_file(generator_state, tmp / "generator.safetensors")
         with open(tmp / "optimizer.pt", "wb") as f:  # through Python's file: a refused write says why (torch's own: "iostream error")
             torch.save(optimizer_state, f)
         save_file(rng_state, tmp / "rng.safetensors")
         if ema_state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, tmp / EMA_FILE)
+            save_file(ema_state, tmp / EMA_FILE)
         files = {f.name: _fingerprint(f) for f in sorted(tmp.iterdir())}
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **state, "files": files}, indent=2))
         for f in tmp.iterdir():
             fsync(f)
         fsync(tmp)  # the folder's entries, before it takes the final name
-    except WRITE_ERRORS as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteFailed(f"writing checkpoint {final} failed: {failure(exc)}") from exc
+        if isinstance(exc, WRITE_ERRORS):
+            raise WriteFailed(f"writing checkpoint {final} failed: {failure(exc)}") from exc
+        raise
     previous = final.with_name(final.name + ".previous")
     if final.exists():  # re-saving the same step (e.g. after a resume from an older checkpoint): replace it
         if previous.exists():
@@ -115,22 +122,30 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """What is wrong with a checkpoint's files, or None when they are as state.json recorded them."""
+RESUME_FILES = ("generator.safetensors", "optimizer.pt", "rng.safetensors")  # what --resume loads (and the EMA, when there)
+
+
+def verify_checkpoint(path: Path, files: tuple[str, ...] | None = None) -> str | None:
+    """What is wrong with a checkpoint's files, or None when they are as state.json recorded them.
+
+    `files`: only these (and any other recorded one among them) are checked, e.g. the weights alone for a
+    reader that loads nothing else; default: every file the checkpoint has."""
     try:
         state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"{COMPLETE_MARKER} does not parse ({failure(exc)})"
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        return f"{COMPLETE_MARKER} is not a rewardkit checkpoint's (no step)"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("nonfinite_total"), int):
+        return f"{COMPLETE_MARKER} is not a rewardkit checkpoint's (no step or counters)"
     if "files" not in state:  # written before rewardkit recorded checksums
         return _verify_unrecorded(path)
     if not isinstance(state["files"], dict):
         return f"{COMPLETE_MARKER}'s file list is not a table"
-    for name in ("generator.safetensors", "optimizer.pt", "rng.safetensors"):
+    for name in RESUME_FILES:
         if name not in state["files"]:
             return f"{COMPLETE_MARKER} lists no {name}"
     for name, recorded in state["files"].items():
+        if files is not None and name not in files:
+            continue
         f = path / str(name)
         if not isinstance(recorded, dict) or Path(str(name)).name != name:
             return f"{COMPLETE_MARKER}'s entry for {name!r} is not a file record"
@@ -165,26 +180,28 @@ def _verify_unrecorded(path: Path) -> str | None:
         with zipfile.ZipFile(path / "optimizer.pt") as z:
             if (bad := z.testzip()) is not None:
                 return f"optimizer.pt: member {bad} does not match its CRC"
-    except (OSError, SafetensorError, zipfile.BadZipFile) as exc:
+    except (OSError, SafetensorError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
         return f"its files do not parse ({failure(exc)})"
     return None
 
 
-def usable_checkpoint(root: Path, set_aside: bool = True) -> Path | None:
-    """The newest intact checkpoint under `root`, None when there is none at all.
+def usable_checkpoint(root: Path, set_aside: bool = True, files: tuple[str, ...] | None = None) -> Path | None:
+    """The newest intact checkpoint under `root`, None when there is none at all (`files`: as verify_checkpoint).
 
-    Newer damaged ones are reported and (`set_aside`) renamed to damaged-step_N so that no later run takes
-    them; when every checkpoint is damaged, UserError names them."""
+    Newer damaged ones are reported and (`set_aside`: only the run directory's writer should) renamed to
+    damaged-step_N so that no later run takes them; when every checkpoint is damaged, UserError names them."""
     damaged = []
     for path in reversed(list_checkpoints(root)):
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path, files)
         if problem is None:
             if damaged:
                 log.warning("using %s, the newest intact checkpoint", path)
             return path
+        if not path.exists():  # rotated away by a live run while it was read: gone, not damaged
+            continue
         damaged.append(path)
-        where = _set_aside(path) if set_aside else path
-        log.warning("checkpoint %s is damaged: %s; %s", path, problem, f"set aside as {where.name}" if set_aside else "skipped")
+        where = _set_aside(path) if set_aside else None
+        log.warning("checkpoint %s is damaged: %s; %s", path, problem, f"set aside as {where.name}" if where else "skipped")
     if damaged:
         raise UserError(
             f"no intact checkpoint in {root}: {', '.join(p.name for p in damaged)} "
@@ -194,16 +211,17 @@ def usable_checkpoint(root: Path, set_aside: bool = True) -> Path | None:
     return None
 
 
-def _set_aside(path: Path) -> Path:
+def _set_aside(path: Path) -> Path | None:
+    """Rename a damaged checkpoint out of the way; None when it cannot be (a read-only folder, gone meanwhile)."""
     for n in range(1, 1000):
         target = path.with_name(f"damaged-{path.name}" + (f"-{n}" if n > 1 else ""))
         if not target.exists():
             try:
                 os.replace(path, target)
-            except FileNotFoundError:  # a live run rotated it away meanwhile
-                return path
+            except OSError:
+                return None
             return target
-    raise UserError(f"cannot set {path} aside: too many damaged-{path.name}* folders; remove some")
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:

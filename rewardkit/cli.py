@@ -18,19 +18,22 @@ import sys
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def at_least(minimum: int):
-    """An argparse type: a whole number >= minimum (argparse reports a bad one: exit 2, the argument named)."""
+def at_least(minimum: int, below: int | None = None):
+    """An argparse type: a whole number >= minimum (and < below); argparse reports a bad one: exit 2, the argument named."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if value < minimum or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}" + (f" and below {below}" if below else "") + f", got {value}")
         return value
 
     return parse
+
+
+SEED = at_least(0, 2**62)
 
 
 def above(minimum: float):
@@ -89,7 +92,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("-n", type=at_least(1), default=4, help="number of images (default 4)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--ema", action="store_true", help="use the moving average of the weights (runs with optimizer.ema_decay)")
 
     p = sub.add_parser(
@@ -118,7 +121,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=at_least(1), help="sampler steps for every generator (default: each generator's own)")
     p.add_argument("-n", type=at_least(1), default=1, help="images per prompt (default 1)")
     p.add_argument("--out", default="eval", help="output folder (default ./eval); generated images are cached under OUT/images/")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE", help="an option of a metric's reward plugin (repeatable)")
     p.add_argument("--ema", action="store_true", help="run-directory generators use the moving average of their weights (runs with optimizer.ema_decay)")
@@ -138,7 +141,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--min-factor", type=above(1), default=2.0, help="smallest down-sampling factor of the negatives (default 2)")
     p.add_argument("--max-factor", type=above(1), default=4.0, help="largest down-sampling factor of the negatives (default 4)")
     p.add_argument("--width", type=at_least(1), default=32, help="channels of the classifier's first layer (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1), help="data-loading processes decoding images (default: up to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 

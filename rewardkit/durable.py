@@ -11,6 +11,7 @@ naming what was being written; what was there before is untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -18,16 +19,22 @@ from safetensors import SafetensorError
 
 from rewardkit.errors import UserError, WriteFailed
 
-# What a refused write raises: the OS's error; torch.save's RuntimeError ("PytorchStreamWriter failed
-# writing file"); safetensors' SafetensorError (an IoError inside).
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# What a refused write raises: the OS's error (torch.save and PIL write through Python's files); safetensors'
+# SafetensorError (an IoError inside). Not RuntimeError: a bug in what is being written is not a full disk.
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
 def fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk."""
+    """Flush a file, or a folder's entries, to disk. A folder's flush is skipped where the platform has none
+    (Windows cannot open a folder; some network and FUSE filesystems refuse it with EINVAL)."""
+    if os.name == "nt" and path.is_dir():
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 
@@ -42,19 +49,21 @@ def failure(exc: BaseException) -> str:
 @contextlib.contextmanager
 def atomic_write(path: Path, what: str | None = None):
     """Yield a temporary path to write `path`'s new content to; on success it is flushed and renamed over
-    `path` (and the folder's entry flushed), on failure removed. `what` names the file in a WriteFailed."""
+    `path` (and the folder's entry flushed), on any failure removed. `what` names the file in a WriteFailed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # the same suffix: writers that pick a format by it
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # the same suffix: writers that pick a format by it
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)
-    except WRITE_ERRORS as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise WriteFailed(f"writing {what or path} failed: {failure(exc)}") from exc
+        if isinstance(exc, WRITE_ERRORS):
+            raise WriteFailed(f"writing {what or path} failed: {failure(exc)}") from exc
+        raise
 
 
 def write_text_atomic(path: Path, text: str, what: str | None = None) -> None:

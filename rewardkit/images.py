@@ -64,9 +64,9 @@ def optimized_images(generator, prompts: Sequence[str], batch_size: int = 8) -> 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
     """One PNG grid, written atomically."""
-    nrow = nrow or max(1, int(len(images) ** 0.5 + 0.5))
+    grid = make_grid(images, nrow=nrow or max(1, int(len(images) ** 0.5 + 0.5)), padding=2, pad_value=1.0)
     with atomic_write(path, f"sample grid {path}") as tmp:
-        save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), tmp)
+        save_image(grid, tmp)
 
 
 def save_pngs(images: torch.Tensor, out_dir: Path, prefix: str = "", start: int = 0) -> list[Path]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 from rewardkit.durable import WRITE_ERRORS, failure, write_text_atomic
 from rewardkit.errors import WriteFailed
+
+log = logging.getLogger("rewardkit")
 
 
 class MetricsLog:
@@ -32,7 +35,7 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(line for line, _ in kept))
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, allow_nan=True) + "\n"
+        line, end = json.dumps(record, allow_nan=True) + "\n", None
         try:
             if self._file is None:
                 self._file = open(self.path, "a", encoding="utf-8")
@@ -52,7 +55,10 @@ class MetricsLog:
             except OSError:  # the buffered rest is refused again: it is cut off below
                 pass
         if end is not None:
-            os.truncate(self.path, end)
+            try:
+                os.truncate(self.path, end)
+            except OSError:  # nothing more can be done here; a resume drops a torn last line anyway
+                pass
 
     def close(self) -> None:
         if self._file is not None:
@@ -66,14 +72,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _complete_lines(path: Path):
-    """(line, record) up to the first line that is not a whole JSON object ending in a newline."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            return
+    """(line, record) up to the first line that is not a whole JSON object ending in a newline: a last line
+    torn by a kill is dropped quietly; a bad line before others is a damaged file, reported."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    for i, line in enumerate(lines):
         try:
-            record = json.loads(line)
+            record = json.loads(line) if line.endswith("\n") else None
         except json.JSONDecodeError:
-            return
+            record = None
         if not isinstance(record, dict):
+            if i < len(lines) - 1:
+                log.warning("%s: line %d is not a metrics record; it and the %d lines after it are left out", path, i + 1, len(lines) - i - 1)
             return
         yield line, record

@@ -349,8 +349,6 @@ class Optimizer:
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
-        if distributed.is_main_process():  # before anything is built: an unwritable or busy directory costs nothing
-            self._lock = claim_run_dir(run_dir)
         _forget_other_precision(run.mixed_precision)
         acc = self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -368,7 +366,10 @@ class Optimizer:
             )
         acc.wait_for_everyone()  # every process has checked the run directory before rank 0 writes to it
         self.main = acc.is_main_process
-        checkpoint = self._checkpoint_to_resume() if resume else None
+        # before the generator and rewards are set up (the CLI checks before they are even built): a busy or
+        # unwritable directory, or no intact checkpoint, costs nothing
+        self._main_decides(lambda: setattr(self, "_lock", claim_run_dir(run_dir)))
+        checkpoint = self._main_decides(self._checkpoint_to_resume) if resume else None
         if run.batch_size % acc.num_processes:
             raise UserError(f"run.batch_size = {run.batch_size} does not divide evenly over {acc.num_processes} processes")
         torch.manual_seed(run.seed)
@@ -428,19 +429,29 @@ class Optimizer:
         self.progress = tqdm(total=run.steps, initial=start_step, disable=not (run.progress and self.main), desc="rewardkit", dynamic_ncols=True)
         return start_step
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The newest intact checkpoint, chosen by rank 0 (which sets damaged ones aside) for every process."""
-        from accelerate.utils import broadcast_object_list
-
-        chosen = [None]
+    def _main_decides(self, decide):
+        """`decide()` on rank 0 alone, its result handed to every process; a UserError it raises is raised on
+        every process, so that none is left waiting in a collective for a rank that has stopped."""
+        outcome = [None, None]
         if self.main:
-            checkpoint = usable_checkpoint(self.run_dir / "checkpoints")
-            chosen = [None if checkpoint is None else checkpoint.name]
-            if checkpoint is None:
-                log.info("nothing to resume in %s: starting from step 0", self.run_dir)
+            try:
+                outcome = [decide(), None]
+            except UserError as exc:
+                outcome = [None, str(exc)]
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(chosen)
-        return None if chosen[0] is None else self.run_dir / "checkpoints" / chosen[0]
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(outcome)
+        if outcome[1] is not None:
+            raise UserError(outcome[1])
+        return outcome[0]
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The newest intact checkpoint (damaged newer ones set aside); rank 0 alone reads and renames."""
+        checkpoint = usable_checkpoint(self.run_dir / "checkpoints")
+        if checkpoint is None:
+            log.info("nothing to resume in %s: starting from step 0", self.run_dir)
+        return checkpoint
 
     def _restore_weights(self, checkpoint: Path) -> tuple[dict, dict]:
         """Load a checkpoint's weights and RNG states; returns (optimizer state, state.json) for after prepare."""

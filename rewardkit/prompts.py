@@ -17,6 +17,7 @@ Every reader returns (prompts, styles) with one style (or None) per prompt.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -54,8 +55,9 @@ def read_text(path: Path, what: str = "prompt file") -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise UserError(f"{what} {path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); {_looks_like(data)}") from None
@@ -67,15 +69,18 @@ def read_text(path: Path, what: str = "prompt file") -> str:
 
 
 def _looks_like(data: bytes) -> str:
-    """What the file seems to be, for the message: charset-normalizer's guess at its encoding (on a few lines
-    of text a guess among look-alikes: cp1250 and cp1252 decode the same bytes)."""
+    """What the file seems to be, for the message: charset-normalizer's guess at its encoding. On a few lines
+    of Western text the 8-bit code pages are look-alikes it cannot tell apart (it often names cp1250 for
+    cp1252 text, which maps the same bytes to other letters), so for those the usual suspects are named too."""
     from charset_normalizer import from_bytes
 
     best = from_bytes(data[:1_000_000]).best()
     if best is None:
         return "it is not text at all (a binary file?)"
-    return (f"charset-normalizer's guess for the file: {best.encoding}. Save it as UTF-8 (a spreadsheet's 'CSV UTF-8'; "
-            f"or iconv -f ENCODING -t utf-8)")
+    guess = f"charset-normalizer's guess for the file: {best.encoding}"
+    if best.encoding.startswith(("cp12", "cp10", "latin", "iso8859", "mac_")):
+        guess += " (a legacy 8-bit code page; Western European text is most often cp1252 or latin-1)"
+    return f"{guess}. Save it as UTF-8 (a spreadsheet's 'CSV UTF-8'; or iconv -f ENCODING -t utf-8)"
 
 
 def _nonempty(path: Path, prompts: list[str], styles: list) -> tuple[list[str], list[str | None]]:

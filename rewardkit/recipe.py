@@ -21,7 +21,7 @@ import importlib.resources
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
@@ -36,10 +36,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML has inf and nan; no setting means anything there
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**62)]  # torch's generators take below 2**64; rewardkit adds offsets to seeds
+
+
 class RunSection(_Section):
     dir: str | None = None
     """Run directory. Default: runs/<recipe file name>."""
-    seed: int = 0
+    seed: Seed = 0
     steps: PositiveInt
     batch_size: PositiveInt = 4
     """Prompts per micro-batch, over all processes together (each process takes batch_size / processes)."""
@@ -104,7 +107,7 @@ class EvalSettings(_Section):
     every: NonNegativeInt = 0
     """Evaluate every N steps (0: before the first and after the last step only)."""
     n_per_prompt: PositiveInt = 1
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EvalSection(EvalSettings):

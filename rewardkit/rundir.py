@@ -14,12 +14,13 @@ and cut back on resume (rewardkit.metrics).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 
-from rewardkit.checkpoint import load_checkpoint, load_ema, usable_checkpoint, verify_checkpoint
+from rewardkit.checkpoint import EMA_FILE, load_checkpoint, load_ema, usable_checkpoint, verify_checkpoint
 from rewardkit.durable import write_text_atomic
 from rewardkit.errors import UserError, WriteFailed
 from rewardkit.recipe import load_recipe
@@ -69,6 +70,9 @@ def claim_run_dir(run_dir: Path):
     except Timeout:
         raise UserError(f"run directory {run_dir} is in use: {_owner(run_dir)} is training in it (one writer per run "
                         "directory); wait for it to finish or stop it, or choose another run.dir") from None
+    except NotImplementedError:  # a filesystem without locks (filelock 3.x): say so, and go on unguarded
+        log.warning("run directory %s: the filesystem has no file locks; one writer per run directory is not enforced", run_dir)
+        return _NoLock()
     except OSError as exc:
         raise unwritable(exc) from None
     try:
@@ -78,6 +82,11 @@ def claim_run_dir(run_dir: Path):
         lock.release()
         raise UserError(f"run directory {run_dir} cannot be written ({exc}); choose another with run.dir=...") from None
     return lock
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
 
 
 def _owner(run_dir: Path) -> str:
@@ -124,15 +133,37 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint) for a run directory (its newest checkpoint) or a checkpoint folder."""
     path = Path(path)
     if (path / "state.json").is_file():
-        if (problem := verify_checkpoint(path)) is not None:
+        if (problem := verify_checkpoint(path, READ_FILES)) is not None:
             raise UserError(f"checkpoint {path} is damaged: {problem}; name another checkpoint, or the run directory for its newest intact one")
         return path.parent.parent, path
     if (path / "recipe.toml").is_file():
-        checkpoint = usable_checkpoint(path / "checkpoints")
+        with _unless_busy(path) as idle:  # damaged checkpoints are set aside only where no run is writing
+            checkpoint = usable_checkpoint(path / "checkpoints", set_aside=idle, files=READ_FILES)
         if checkpoint is None:
             raise UserError(f"{path} holds no complete checkpoint yet; train first, or name a checkpoint folder")
         return path, checkpoint
     raise UserError(f"{path} is neither a run directory (with recipe.toml) nor a checkpoint (with state.json)")
+
+
+READ_FILES = ("generator.safetensors", EMA_FILE)  # what sample / export / eval load of a checkpoint
+
+
+@contextlib.contextmanager
+def _unless_busy(run_dir: Path):
+    """Yield whether this reader holds the run directory's lock (no live run is writing there), holding it
+    meanwhile; False where another process has it or the folder cannot be written (read-only copies)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except (Timeout, OSError, NotImplementedError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def load_generator(path: str | Path, registry, ema: bool = False):

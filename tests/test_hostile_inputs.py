@@ -88,7 +88,8 @@ def test_prompt_files_with_a_byte_order_mark_keep_it_out_of_the_first_prompt_and
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("p.txt", "a cat\ncafé crème\n".encode("cp1252"), "line 2 is not UTF-8 (byte 0xe9); charset-normalizer's guess for the file: cp"),
+    ("p.txt", "a cat\ncafé crème\n".encode("cp1252"), "line 2 is not UTF-8 (byte 0xe9); charset-normalizer's guess for the file: "),
+    ("p.txt", b"\xef\xbb\xbfa cat\nca\xe9fe\n", "line 2 is not UTF-8 (byte 0xe9)"),  # counted after the byte-order mark
     ("p.txt", "a cat\na dog\n".encode("utf-16"), "line 1 is not UTF-8 (byte 0xff); charset-normalizer's guess for the file: utf_16."),
     ("p.csv", "prompt\na cat\nna\xefve\n".encode("latin-1"), "line 3 is not UTF-8 (byte 0xef)"),
     ("p.txt", bytes(range(256)) * 4, "line 2 is not UTF-8 (byte 0x80); it is not text at all"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +110,23 @@ def test_sample_export_and_eval_take_the_newest_intact_checkpoint(tmp_path, writ
     assert not newest.exists() and (newest.parent / "damaged-step_000004").is_dir()
 
 
+def test_a_reader_skips_but_does_not_rename_a_damaged_checkpoint_while_a_run_holds_the_directory(tmp_path, write_recipe, capsys):
+    from rewardkit.rundir import claim_run_dir
+
+    recipe = write_recipe(pixels_recipe(tmp_path / "run", steps=4, run={"checkpoint_every": 2}))
+    assert main(["run", str(recipe)]) == 0
+    newest = tmp_path / "run" / "checkpoints" / "step_000004"
+    truncate(newest / "generator.safetensors")
+    lock = claim_run_dir(tmp_path / "run")  # as a live (resumed) run would
+    try:
+        capsys.readouterr()
+        assert main(["sample", str(tmp_path / "run"), "--prompt", "a red square", "-n", "1", "--out", str(tmp_path / "s")]) == 0
+        assert "step_000002" in capsys.readouterr().out
+        assert newest.is_dir(), "the writer's folder is not renamed under it"
+    finally:
+        lock.release()
+
+
 def test_checkpoints_of_earlier_versions_without_checksums_still_resume(tmp_path):
     """Run directories written before checksums were recorded: intact ones are used, truncated ones detected."""
     recipe = pixels_recipe(tmp_path / "run", steps=4, run={"checkpoint_every": 2})
@@ -126,13 +143,11 @@ def test_checkpoints_of_earlier_versions_without_checksums_still_resume(tmp_path
 
 # ----------------------------------------------------------------------------- refused writes (a real file-size limit)
 def run_limited(recipe: Path, limit: int, *args: str) -> subprocess.CompletedProcess:
-    """`rewardkit run` with RLIMIT_FSIZE: a write past `limit` bytes fails with EFBIG (Python ignores SIGXFSZ)."""
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return subprocess.run([sys.executable, "-m", "rewardkit", "run", str(recipe), *args], capture_output=True, text=True,
-                          timeout=120, preexec_fn=cap)
+    """`rewardkit run` with RLIMIT_FSIZE: a write past `limit` bytes fails with EFBIG (Python ignores SIGXFSZ).
+    The limit is set by the child itself, before it imports rewardkit (no preexec_fn in a threaded parent)."""
+    code = (f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            f"sys.argv = ['rewardkit', 'run', *{[str(recipe), *args]!r}]; runpy.run_module('rewardkit', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def test_a_refused_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_path, write_recipe):
@@ -214,13 +229,13 @@ def test_every_atomic_write_is_on_disk_before_its_rename(tmp_path, monkeypatch):
 
     target = tmp_path / "summary.json"
     write_text_atomic(target, "{}")
-    tmp = str(tmp_path / ".summary.json.tmp.json")
+    tmp = str(tmp_path / f".summary.json.tmp-{os.getpid()}.json")
     assert events == [("fsync", tmp), ("replace", tmp, str(target)), ("fsync", str(tmp_path))]
 
     events.clear()
     root = tmp_path / "checkpoints"
     t = {"w": torch.ones(2)}
-    checkpoint_module.save_checkpoint(root, 3, t, {"x": 1}, {"r": torch.zeros(1)}, {}, keep=2)
+    checkpoint_module.save_checkpoint(root, 3, t, {"x": 1}, {"r": torch.zeros(1)}, {"nonfinite_total": 0}, keep=2)
     rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / "step_000003"))
     tmp_dir = events[rename][1]
     synced = {e[1] for e in events[:rename] if e[0] == "fsync"}
@@ -232,7 +247,7 @@ def test_resaving_a_step_always_leaves_a_complete_copy_of_it(tmp_path, monkeypat
     """A crash between moving the old copy away and moving the new one in: the old copy is still found."""
     root = tmp_path / "checkpoints"
     save = checkpoint_module.save_checkpoint
-    save(root, 3, {"w": torch.ones(2)}, {"x": 1}, {"r": torch.zeros(1)}, {}, keep=2)
+    save(root, 3, {"w": torch.ones(2)}, {"x": 1}, {"r": torch.zeros(1)}, {"nonfinite_total": 0}, keep=2)
     real_replace = os.replace
 
     def crash_after_first_rename(a, b):
@@ -242,15 +257,22 @@ def test_resaving_a_step_always_leaves_a_complete_copy_of_it(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", crash_after_first_rename)
     with pytest.raises(KeyboardInterrupt):
-        save(root, 3, {"w": torch.full((2,), 2.0)}, {"x": 1}, {"r": torch.zeros(1)}, {}, keep=2)
+        save(root, 3, {"w": torch.full((2,), 2.0)}, {"x": 1}, {"r": torch.zeros(1)}, {"nonfinite_total": 0}, keep=2)
     monkeypatch.setattr(os, "replace", real_replace)
     [found] = list_checkpoints(root)
     assert found.name == "step_000003.previous" and verify_checkpoint(found) is None
     assert torch.equal(load_file(found / "generator.safetensors")["w"], torch.ones(2))
 
-    save(root, 3, {"w": torch.full((2,), 2.0)}, {"x": 1}, {"r": torch.zeros(1)}, {}, keep=2)  # the next save completes it
+    save(root, 3, {"w": torch.full((2,), 2.0)}, {"x": 1}, {"r": torch.zeros(1)}, {"nonfinite_total": 0}, keep=2)  # the next save completes it
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == ["step_000003"]
     assert torch.equal(load_file(root / "step_000003" / "generator.safetensors")["w"], torch.full((2,), 2.0))
+
+    # a crash after the new copy is in place but before the old one is dropped: the next save drops it
+    (root / "step_000003").rename(root / "keep")
+    shutil.copytree(root / "keep", root / "step_000003.previous")
+    (root / "keep").rename(root / "step_000003")
+    save(root, 4, {"w": torch.ones(2)}, {"x": 1}, {"r": torch.zeros(1)}, {"nonfinite_total": 0}, keep=2)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step_000003", "step_000004"]
 
 
 # ----------------------------------------------------------------------------- early refusal, one writer
@@ -308,3 +330,11 @@ def test_the_lock_is_released_when_a_run_ends_in_process(tmp_path, monkeypatch):
         Optimizer.from_recipe(pixels_recipe(tmp_path / "run", steps=4)).fit(resume=True)
     monkeypatch.undo()
     assert Optimizer.from_recipe(pixels_recipe(tmp_path / "run", steps=4)).fit(resume=True).step == 4
+
+
+def test_a_bug_in_what_is_written_is_not_reported_as_a_full_disk(tmp_path):
+    from rewardkit.images import save_grid
+
+    with pytest.raises(NotImplementedError):  # a meta tensor cannot be copied out: a bug, with its traceback
+        save_grid(torch.empty(2, 3, 8, 8, device="meta"), tmp_path / "g.png")
+    assert list(tmp_path.iterdir()) == []

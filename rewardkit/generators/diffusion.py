@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from rewardkit import sampler
-from rewardkit.distributed import agree_max, full_tensor, is_sharded, lora_squared_norm
+from rewardkit.distributed import agree_max, full_tensor, lora_squared_norm, module_sharded
 from rewardkit.errors import UserError
 from rewardkit.generators.base import Generator, SampleOptions
 from rewardkit.generators.noise_table import NoiseSlots, initial_noise
@@ -276,7 +276,7 @@ class DiffusionGenerator(Generator):
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory, deep_supervision=options.deep_supervision,
             # sharded (FSDP): every network call is a collective, so all processes make the same calls
-            agree=agree_max if _sharded(self.denoiser) else None,
+            agree=agree_max if module_sharded(self.denoiser) else None,
         )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -370,7 +370,7 @@ class DiffusionGenerator(Generator):
 
     def _encoders_sharded(self) -> bool:
         encoders = [m for n, m in self.pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
-        return any(_sharded(m) for m in encoders)
+        return any(module_sharded(m) for m in encoders)
 
     def _cache_embeddings(self, prompts: list[str], device, keep: int | None) -> None:
         """Encode `prompts` into the cache; then drop the least recently used entries past the cache's size
@@ -504,10 +504,3 @@ def _rows_of(cond, rows: torch.Tensor, batch: int):
     rows = rows.to(cond.device)
     return cond[rows] if len(cond) == batch else cond[torch.cat([rows, rows + batch])]
 
-
-def _sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP has sharded `module`. FSDP2 shards every parameter of what it wraps, so the first one tells:
-    asked at every step, a walk over all of them (and an import per parameter) cost ~10 ms per step on the
-    testbed (bench/peers.py)."""
-    first = next(module.parameters(), None)
-    return first is not None and is_sharded(first)
