@@ -195,11 +195,15 @@ def is_sharded(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def module_sharded(module) -> bool:
-    """Whether FSDP has sharded `module`. FSDP2 shards every parameter of what it wraps, so the first one tells:
-    asked at every step, a walk over all of them (an import per parameter) cost ~10 ms a step on the testbed."""
-    first = next(module.parameters(), None)
-    return first is not None and is_sharded(first)
+def fsdp_wrapped(module) -> bool:
+    """Whether FSDP2 has wrapped `module`: fully_shard turns what it wraps into an FSDPModule, and accelerate wraps
+    the whole model. One isinstance, where asking every parameter whether it is sharded, at every step, cost
+    ~10 ms a step on the testbed (bench/peers.py)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps it under _composable
+        from torch.distributed._composable.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
 
 
 def full_tensor(t):

@@ -34,7 +34,7 @@ def split_hub_ref(ref: str) -> tuple[str, str | None]:
     return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
-def _looks_local(ref: str) -> bool:
+def looks_local(ref: str) -> bool:
     """A path rather than a hub reference: absolute, ~, ./ or ../, or a single bare name."""
     return ref.startswith(("/", "~", "./", "../", ".\\")) or "/" not in ref.strip("/")
 
@@ -54,7 +54,7 @@ def resolve(ref: str, *, what: str, option: str, default_filenames: tuple[str, .
             if (path / name).is_file():
                 return path / name
         raise UserError(f"{what}: folder {path} holds none of {', '.join(default_filenames) or 'the expected files'}")
-    if _looks_local(ref):
+    if looks_local(ref):
         raise UserError(f"{what}: no such file {path}; set the reward's `{option}` option to an existing file")
 
     repo, filename = split_hub_ref(ref)

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from rewardkit import sampler
-from rewardkit.distributed import agree_max, full_tensor, lora_squared_norm, module_sharded
+from rewardkit.distributed import agree_max, fsdp_wrapped, full_tensor, is_sharded, lora_squared_norm
 from rewardkit.errors import UserError
 from rewardkit.generators.base import Generator, SampleOptions
 from rewardkit.generators.noise_table import NoiseSlots, initial_noise
@@ -276,7 +276,7 @@ class DiffusionGenerator(Generator):
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory, deep_supervision=options.deep_supervision,
             # sharded (FSDP): every network call is a collective, so all processes make the same calls
-            agree=agree_max if module_sharded(self.denoiser) else None,
+            agree=agree_max if fsdp_wrapped(self) else None,
         )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -370,7 +370,7 @@ class DiffusionGenerator(Generator):
 
     def _encoders_sharded(self) -> bool:
         encoders = [m for n, m in self.pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
-        return any(module_sharded(m) for m in encoders)
+        return fsdp_wrapped(self) and any(is_sharded(p) for m in encoders for p in m.parameters())  # walked under FSDP only
 
     def _cache_embeddings(self, prompts: list[str], device, keep: int | None) -> None:
         """Encode `prompts` into the cache; then drop the least recently used entries past the cache's size

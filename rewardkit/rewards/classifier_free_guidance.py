@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
-from rewardkit.distributed import module_sharded
+from rewardkit.distributed import fsdp_wrapped
 from rewardkit.errors import UserError
 from rewardkit.rewards.base import Reward, RewardOptions
 from rewardkit.sampler import rng_of
@@ -89,7 +89,7 @@ class ClassifierFreeGuidance(Reward):
         if not hasattr(self, "_generator"):
             raise RuntimeError("classifier_free_guidance.setup(generator) was not called")
         (gen,) = self._generator
-        if module_sharded(gen.denoiser):
+        if fsdp_wrapped(gen):
             raise UserError("reward 'classifier_free_guidance' does not run under FSDP yet (it would not see theta_0 there); use the 'ddp' accelerate config")
         low, high = self.options.levels
         negative = gen.options.negative_prompt if self.options.negative_prompt is None else self.options.negative_prompt

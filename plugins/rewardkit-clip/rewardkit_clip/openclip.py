@@ -54,7 +54,7 @@ def pretrained_preprocess_cfg(model, model_name: str, pretrained: str, *, what: 
     cfg = model_preprocess_cfg(model)
     if _looks_like_tag(pretrained):
         cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(model_name, pretrained) or {})
-    elif not pretrained.startswith(("/", "~", ".")) and not Path(pretrained).exists():
+    elif not hub.looks_local(pretrained) and not Path(pretrained).exists():
         repo, _ = hub.split_hub_ref(pretrained)
         try:
             config = json.loads(hub.resolve(f"{repo}/open_clip_config.json", what=what, option="pretrained").read_text())
