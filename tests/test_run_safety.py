@@ -300,7 +300,7 @@ def test_an_unusable_run_directory_is_refused_before_anything_is_built(tmp_path,
 def test_a_second_writer_is_refused_and_a_killed_ones_lock_does_not_block(tmp_path, write_recipe):
     plugin = str(PLUGIN_FILES / "slow_reward.py")
     run_dir = tmp_path / "run"
-    recipe = write_recipe(pixels_recipe(run_dir, steps=400, run={"checkpoint_every": 2}, rewards={"slow_color": {}}))
+    recipe = write_recipe(pixels_recipe(run_dir, steps=5000, run={"checkpoint_every": 2}, rewards={"slow_color": {}}))  # killed long before its end
     proc = subprocess.Popen([sys.executable, "-m", "rewardkit", "run", str(recipe), "--plugin", plugin],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
