@@ -95,7 +95,8 @@ def test_no_intact_checkpoint_exits_2_naming_them(tmp_path, write_recipe, capsys
     assert "no intact checkpoint in" in err and "step_000004, step_000002 are damaged" in err
 
 
-def test_sample_export_and_eval_take_the_newest_intact_checkpoint(tmp_path, write_recipe, capsys, caplog):
+def test_sample_takes_the_newest_intact_checkpoint_of_a_run_directory(tmp_path, write_recipe, capsys, caplog):
+    """(export and eval read checkpoints through the same rundir.resolve_run_path.)"""
     recipe = write_recipe(pixels_recipe(tmp_path / "run", steps=4, run={"checkpoint_every": 2}))
     assert main(["run", str(recipe)]) == 0
     newest = tmp_path / "run" / "checkpoints" / "step_000004"
