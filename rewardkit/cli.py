@@ -77,7 +77,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--num-machines", type=at_least(1), default=1, metavar="M", help="machines taking part (multi-node; run the same command on each)")
     p.add_argument("--machine-rank", type=at_least(0), default=0, metavar="R", help="this machine's rank, 0..M-1 (machine 0 writes the run directory)")
     p.add_argument("--main-process-ip", metavar="IP", help="the address of machine 0 (needed with --num-machines > 1)")
-    p.add_argument("--main-process-port", type=at_least(1), default=29500, metavar="PORT", help="a free port on machine 0 (default 29500)")
+    p.add_argument("--main-process-port", type=at_least(1, 65536), default=29500, metavar="PORT", help="a free port on machine 0 (default 29500)")
 
     p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     p.add_argument("recipe")

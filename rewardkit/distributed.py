@@ -74,14 +74,10 @@ class Machines:
 
     @classmethod
     def check(cls, count: int, rank: int, main_ip: str | None, main_port: int) -> "Machines":
-        if count < 1:
-            raise UserError(f"--num-machines must be at least 1, got {count}")
-        if not 0 <= rank < count:
+        if rank >= count:
             raise UserError(f"--machine-rank {rank} is not one of the {count} machines (0..{count - 1})")
         if count > 1 and not main_ip:
             raise UserError("--num-machines > 1 needs --main-process-ip, the address of machine 0 (the same on every machine)")
-        if not 0 < main_port < 65536:
-            raise UserError(f"--main-process-port {main_port} is not a port number")
         return cls(count, rank, main_ip, main_port)
 
 
@@ -90,8 +86,6 @@ def check(batch_size: int, num_processes: int, config: str, accumulation: int = 
 
     `num_processes` counts every process of the run (all machines); `local_processes` those of this machine."""
     local = num_processes if local_processes is None else local_processes
-    if local < 1:
-        raise UserError(f"--num-processes must be at least 1, got {local}")
     if batch_size % num_processes:
         raise UserError(
             f"run.batch_size = {batch_size} does not divide evenly over {num_processes} processes; "

@@ -62,13 +62,13 @@ class GeneratorSpec:
     label: str
     identity: dict
     ema: bool = False
+    checkpoint: tuple[Path, Path] | None = None  # (run directory, checkpoint), chosen and verified once
 
     def build(self, registry, prompts: Sequence[str], seed: int):
-        path = Path(self.text)
-        if path.exists():
-            from rewardkit.rundir import load_generator
+        if self.checkpoint is not None:
+            from rewardkit.rundir import generator_from_checkpoint
 
-            return load_generator(path, registry, ema=self.ema)[0]
+            return generator_from_checkpoint(*self.checkpoint, registry, ema=self.ema)[0]
         from rewardkit.options import validate_plugin_options
 
         kind, _, rest = self.text.partition(":")
@@ -91,11 +91,11 @@ def parse_generator_spec(text: str, ema: bool = False) -> GeneratorSpec:
     if (path / "state.json").is_file() or (path / "recipe.toml").is_file():
         from rewardkit.rundir import resolve_run_path
 
-        _, ckpt = resolve_run_path(path)
+        run_dir, ckpt = resolve_run_path(path)
         weights = ckpt / "generator.safetensors"
         identity = {"checkpoint": str(ckpt.resolve()), "mtime_ns": weights.stat().st_mtime_ns, "size": weights.stat().st_size, **({"ema": True} if ema else {})}
         label = path.name if ckpt != path else f"{path.parent.parent.name}@{path.name}"
-        return GeneratorSpec(text, label + (" (EMA)" if ema else ""), identity, ema)
+        return GeneratorSpec(text, label + (" (EMA)" if ema else ""), identity, ema, (run_dir, ckpt))
     if ":" in text and not path.exists():
         return GeneratorSpec(text, text.split(",")[0], {"spec": text})
     raise UserError(

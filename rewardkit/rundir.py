@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from rewardkit.checkpoint import EMA_FILE, load_checkpoint, load_ema, usable_checkpoint, verify_checkpoint
-from rewardkit.durable import write_text_atomic
+from rewardkit.durable import writable_dir, write_text_atomic
 from rewardkit.errors import UserError, WriteFailed
 from rewardkit.recipe import load_recipe
 
@@ -55,32 +55,35 @@ def claim_run_dir(run_dir: Path):
     import datetime
     import socket
 
-    from filelock import FileLock, Timeout
-
-    def unwritable(exc: OSError) -> UserError:
-        return UserError(f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with run.dir=...")
-
+    writable_dir(run_dir, "run.dir")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise unwritable(exc) from None
-    lock = FileLock(run_dir / LOCK_FILE)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UserError(f"run directory {run_dir} is in use: {_owner(run_dir)} is training in it (one writer per run "
-                        "directory); wait for it to finish or stop it, or choose another run.dir") from None
+        lock = _lock_now(run_dir)
     except NotImplementedError:  # a filesystem without locks (filelock 3.x): say so, and go on unguarded
         log.warning("run directory %s: the filesystem has no file locks; one writer per run directory is not enforced", run_dir)
         return _NoLock()
     except OSError as exc:
-        raise unwritable(exc) from None
+        raise UserError(f"run.dir {run_dir} cannot be written ({exc.strerror or exc}); give another folder") from None
+    if lock is None:
+        raise UserError(f"run directory {run_dir} is in use: {_owner(run_dir)} is training in it (one writer per run "
+                        "directory); wait for it to finish or stop it, or choose another run.dir")
     try:
         write_json(run_dir / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
                                          "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
     except WriteFailed as exc:
         lock.release()
-        raise UserError(f"run directory {run_dir} cannot be written ({exc}); choose another with run.dir=...") from None
+        raise UserError(f"run.dir {run_dir} cannot be written ({exc}); give another folder") from None
+    return lock
+
+
+def _lock_now(run_dir: Path):
+    """The run directory's lock, taken without waiting; None where another live process holds it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
     return lock
 
 
@@ -152,12 +155,11 @@ READ_FILES = ("generator.safetensors", EMA_FILE)  # what sample / export / eval 
 def _unless_busy(run_dir: Path):
     """Yield whether this reader holds the run directory's lock (no live run is writing there), holding it
     meanwhile; False where another process has it or the folder cannot be written (read-only copies)."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(run_dir / LOCK_FILE)
     try:
-        lock.acquire(timeout=0)
-    except (Timeout, OSError, NotImplementedError):
+        lock = _lock_now(run_dir)
+    except (OSError, NotImplementedError):
+        lock = None
+    if lock is None:
         yield False
         return
     try:
@@ -173,9 +175,14 @@ def load_generator(path: str | Path, registry, ema: bool = False):
     as in training and with the checkpoint's weights loaded (`ema`: the moving
     average of them), in eval mode.
     """
+    run_dir, checkpoint = resolve_run_path(path)
+    return generator_from_checkpoint(run_dir, checkpoint, registry, ema)
+
+
+def generator_from_checkpoint(run_dir: Path, checkpoint: Path, registry, ema: bool = False):
+    """load_generator for a checkpoint resolve_run_path has already chosen and verified."""
     from rewardkit.images import default_device
 
-    run_dir, checkpoint = resolve_run_path(path)
     recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
     generator = recipe.generator.build()
     generator.setup(recipe.prompts, recipe.run.seed)
