@@ -18,11 +18,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import save_tiny_sd, save_tiny_sd3  # noqa: E402
+from tiny_models import save_tiny  # noqa: E402
 
 from rewardkit.errors import RecipeError  # noqa: E402
+from rewardkit.generators.flux import Flux  # noqa: E402
 from rewardkit.generators.sd import StableDiffusion  # noqa: E402
 from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
+from rewardkit.generators.sdxl import StableDiffusionXL  # noqa: E402
 from rewardkit.regularizers.weight_l2 import WeightL2  # noqa: E402
 from rewardkit.rewards.classifier_free_guidance import ClassifierFreeGuidance  # noqa: E402
 
@@ -33,7 +35,7 @@ LEVELS = [0.3, 0.7]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"sd": str(save_tiny_sd(root / "sd")), "sd3": str(save_tiny_sd3(root / "sd3"))}
+    return {family: str(save_tiny(family, root / family)) for family in ("sd", "sdxl", "sd3", "flux")}
 
 
 def perturb(gen, training):
@@ -50,7 +52,7 @@ def independent_gradient(family, model, images):
     denoiser's -(eps(c) - eps(negative)) / sigma, times alpha, pulled back through the encoder."""
     import hashlib
 
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     # the reward's documented draws: per image, a generator seeded by the 8-byte blake2b of its float32 values; u, then eps
     rngs = [torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(im.numpy().tobytes(), digest_size=8).digest(), "little") & (2**63 - 1))
@@ -58,18 +60,60 @@ def independent_gradient(family, model, images):
     u = torch.stack([LEVELS[0] + (LEVELS[1] - LEVELS[0]) * torch.rand((), generator=g) for g in rngs])
     x = images.clone().requires_grad_(True)
     neg = ["blurry"] * len(PROMPTS)
-    if family == "sd":
-        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+
+    def ddpm_noised(pipe):
+        """z0 (the VAE mean, scaled), its level t on the DDPM schedule, alpha, sigma and z_t."""
         z0 = pipe.vae.encode(2 * x - 1).latent_dist.mean * pipe.vae.config.scaling_factor
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
         t = (u * (pipe.scheduler.config.num_train_timesteps - 1)).round().long()
         abar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        zt = alpha * z0.detach() + sigma * noise
+        return z0, t, alpha, sigma, alpha * z0.detach() + sigma * noise
+
+    if family == "sd":
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+        z0, t, alpha, sigma, zt = ddpm_noised(pipe)
         cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=neg)
         with torch.no_grad():
             eps_c = pipe.unet(zt, t, encoder_hidden_states=cond).sample
             eps_u = pipe.unet(zt, t, encoder_hidden_states=uncond).sample
+    elif family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model)
+        z0, t, alpha, sigma, zt = ddpm_noised(pipe)
+        embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=neg)
+        h, w = images.shape[-2:]
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(len(PROMPTS), 1)
+        with torch.no_grad():
+            eps_c = pipe.unet(zt, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            eps_u = pipe.unet(zt, t, encoder_hidden_states=neg_embeds, added_cond_kwargs={"text_embeds": neg_pooled, "time_ids": time_ids}).sample
+    elif family == "flux":
+        import math
+
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        pipe = FluxPipeline.from_pretrained(model)
+        cfg = pipe.vae.config
+        z0 = (pipe.vae.encode(2 * x - 1).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
+        B, C, h, w = z0.shape
+        sc = pipe.scheduler.config
+        mu = calculate_shift((h // 2) * (w // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
+        s = (math.exp(mu) / (math.exp(mu) + (1 / u - 1))).view(-1, 1, 1, 1)  # FLUX.1 [dev]'s dynamic shift at this size
+        alpha, sigma = 1 - s, s
+        zt = alpha * z0.detach() + sigma * noise
+        packed = pipe._pack_latents(zt, B, C, h, w)
+        image_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, "cpu", torch.float32)
+        guidance = torch.full((B,), 3.5)
+
+        def velocity(prompts):
+            embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=16)
+            out = pipe.transformer(hidden_states=packed, timestep=s.flatten(), guidance=guidance, pooled_projections=pooled,
+                                   encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids).sample
+            return pipe._unpack_latents(out, images.shape[-2], images.shape[-1], pipe.vae_scale_factor)
+
+        with torch.no_grad():
+            v_c, v_u = velocity(PROMPTS), velocity(neg)
+        eps_c, eps_u = zt + (1 - s) * v_c, zt + (1 - s) * v_u
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model)
         cfg = pipe.vae.config
@@ -90,10 +134,14 @@ def independent_gradient(family, model, images):
     return g
 
 
-@pytest.mark.parametrize("family,training", [("sd", "lora"), ("sd", "full"), ("sd3", "lora"), ("sd3", "full")])
+CLASSES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3, "flux": Flux}
+SIZES = {"flux": {"height": 16, "width": 16, "max_sequence_length": 16}}  # the tiny FLUX's (its pipeline's: 1024 px, 512)
+
+
+@pytest.mark.parametrize("family,training", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"), ("sd3", "full"),
+                                             ("flux", "lora")])
 def test_the_direction_is_the_base_models_guidance_and_no_copy_is_made(tiny, family, training):
-    cls = StableDiffusion if family == "sd" else StableDiffusion3
-    gen = cls(model=tiny[family], training=training, lora_rank=4, negative_prompt="blurry")
+    gen = CLASSES[family](model=tiny[family], training=training, lora_rank=4, negative_prompt="blurry", **SIZES.get(family, {}))
     gen.setup(PROMPTS, 0)
     WeightL2(weight=1.0).setup(gen)  # theta_0, kept as a run keeps it (nothing for LoRA: the base is the frozen weights)
     perturb(gen, training)

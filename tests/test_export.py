@@ -1,4 +1,4 @@
-"""`rewardkit export` and `rewardkit sample` on trained tiny SD / SD3 generators.
+"""`rewardkit export` and `rewardkit sample` on trained tiny SD / SDXL / SD3 / FLUX generators.
 
 An exported LoRA (load_lora_weights) and an exported full pipeline
 (from_pretrained) must reproduce, with plain diffusers and the same
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import save_tiny_sd, save_tiny_sd3  # noqa: E402
+from tiny_models import save_tiny  # noqa: E402
 
 from rewardkit.cli import main  # noqa: E402
 
@@ -29,7 +29,7 @@ PROMPTS = ["a red cat", "a photo of a dog"]
 @pytest.fixture(scope="module")
 def base_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
-    return {"sd": str(save_tiny_sd(root / "sd")), "sd3": str(save_tiny_sd3(root / "sd3"))}
+    return {family: str(save_tiny(family, root / family)) for family in ("sd", "sdxl", "sd3", "flux")}
 
 
 def train(family, model, run_dir, **generator):
@@ -57,17 +57,30 @@ def generator_images(run_dir, noise):
 
 
 def diffusers_images(pipe, settings, noise):
+    """The pipeline called as rewardkit_export.json says, as docs/generators.md tells users to: FLUX takes its noise
+    packed (as its pipeline makes it), SDXL its sizes as tuples (JSON has lists), and a list of prompts a list of
+    negative prompts."""
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {k: settings[k] for k in ("sigmas", "max_sequence_length") if k in settings}
-    return pipe(PROMPTS, num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
-                height=settings["height"], width=settings["width"], latents=noise, output_type="pt", **kwargs).images
+    latents = pipe._pack_latents(noise, *noise.shape) if type(pipe).__name__ == "FluxPipeline" else noise
+    call = dict(settings["pipeline_call"])
+    for key in ("original_size", "crops_coords_top_left"):
+        if key in call:
+            call[key] = tuple(call[key])
+    if "negative_prompt" in call:
+        call["negative_prompt"] = [call["negative_prompt"]] * len(PROMPTS)
+    return pipe(PROMPTS, latents=latents, output_type="pt", **call).images
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+# the tiny FLUX at 16 px and 16 T5 tokens (its pipeline's defaults are 1024 px and 512)
+SIZES = {"sd": {}, "sdxl": {}, "sd3": {}, "flux": {"height": 16, "width": 16, "max_sequence_length": 16}}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_lora_export_reproduces_generator(base_models, family, tmp_path):
     import diffusers
 
-    run = train(family, base_models[family], tmp_path / "run", training="lora", lora_rank=4, lora_alpha=8, guidance_scale=2.0)
+    run = train(family, base_models[family], tmp_path / "run", training="lora", lora_rank=4, lora_alpha=8, guidance_scale=2.0,
+                **SIZES[family])
     assert main(["export", str(run), "--format", "lora", "--out", str(tmp_path / "lora")]) == 0
     assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "full")]) == 0
 
@@ -77,7 +90,7 @@ def test_lora_export_reproduces_generator(base_models, family, tmp_path):
     cls = getattr(diffusers, gen.pipeline_class)
 
     pipe = cls.from_pretrained(base_models[family])
-    if family == "sd":
+    if family in ("sd", "sdxl"):
         pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(tmp_path / "lora", subfolder="scheduler")
     base = diffusers_images(pipe, settings, noise)
     pipe.load_lora_weights(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors")
@@ -111,7 +124,8 @@ def test_sd3_exports_record_the_text_conditioning(base_models, tmp_path, t5):
     pipe.load_lora_weights(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors")
     torch.testing.assert_close(diffusers_images(pipe, settings, noise), ours, atol=2e-5, rtol=0)
     if t5:  # the recorded length matters: diffusers' default (256 T5 tokens) gives other images
-        default = diffusers_images(pipe, {k: v for k, v in settings.items() if k != "max_sequence_length"}, noise)
+        call = {k: v for k, v in settings["pipeline_call"].items() if k != "max_sequence_length"}
+        default = diffusers_images(pipe, settings | {"pipeline_call": call}, noise)
         assert (default - ours).abs().max() > 1e-3
 
 

@@ -10,6 +10,7 @@ are clear.
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,12 +22,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import save_tiny_sd, save_tiny_sd3  # noqa: E402
+from tiny_models import save_tiny, save_tiny_sd, save_tiny_sd3  # noqa: E402
 
 from rewardkit.errors import UserError  # noqa: E402
 from rewardkit.generators.base import SampleOptions  # noqa: E402
 from rewardkit.generators.sd import StableDiffusion  # noqa: E402
+from rewardkit.generators.flux import Flux  # noqa: E402
 from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
+from rewardkit.generators.sdxl import StableDiffusionXL  # noqa: E402
 
 PROMPTS = ["a red cat", "a photo of a dog"]
 
@@ -47,8 +50,23 @@ def tiny_sd3(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def models(tiny_sd, tiny_sd3):
-    return {"sd": (StableDiffusion, tiny_sd), "sd3": (StableDiffusion3, tiny_sd3)}
+def tiny_sdxl(tmp_path_factory) -> str:
+    return str(save_tiny("sdxl", tmp_path_factory.mktemp("models") / "sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    return str(save_tiny("flux", tmp_path_factory.mktemp("models") / "flux"))
+
+
+FAMILIES = ["sd", "sdxl", "sd3", "flux"]
+
+
+@pytest.fixture(scope="session")
+def models(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux):
+    # FLUX's pipeline has a fixed default size (128 latent pixels) and T5 length (512): the tiny one samples at 16 px, 16 tokens
+    return {"sd": (StableDiffusion, tiny_sd), "sdxl": (StableDiffusionXL, tiny_sdxl), "sd3": (StableDiffusion3, tiny_sd3),
+            "flux": (functools.partial(Flux, height=16, width=16, max_sequence_length=16), tiny_flux)}
 
 
 def build(cls, model, **options):
@@ -111,7 +129,7 @@ def test_custom_timesteps_are_used(tiny_sd):
 
 
 # --- eta > 0: noise levels follow the schedule ------------------------------------------------
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("eta", [0.0, 1.0, "random"])
 def test_intermediate_noise_level_matches_schedule(models, family, eta, monkeypatch):
     """With an oracle network that knows x0, x_t - alpha_t x0 must have std sigma_t at every step."""
@@ -170,7 +188,7 @@ MODES = {
 GRAD_CALLS = {"all": [True] * 3, "last": [False, False, True], "intermediate": [False, True, False, True]}
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("training", ["lora", "full"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_gradients_reach_trainable_weights(models, family, training, mode):
@@ -212,7 +230,7 @@ def test_supervised_step_returns_that_steps_prediction(tiny_sd):
     assert (step0 - full).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_r0plus_runs_with_gradient_only_the_rows_it_supervises(models, family, per_sample):
     """R0+ shortens the backward graph: each step runs with gradient only the rows that supervise it, so the
@@ -259,7 +277,7 @@ def test_r0plus_runs_with_gradient_only_the_rows_it_supervises(models, family, p
     assert everything >= 3.5 * supervised
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_deep_supervision_decodes_every_steps_prediction_with_gradient_for_every_row(models, family):
     """R0+ read as deep supervision: one image per step and sample, step-major; the last step's images are
     the plain sampler's; every step runs the whole batch with gradient (the chain is kept)."""
@@ -316,7 +334,7 @@ def test_sd3_noise_levels_are_the_schedulers_own(tiny_sd3, dynamic):
     assert bool((levels["sigma"] > u).all()) or dynamic  # SD3's shift 3 moves every level up
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_embeddings_are_computed_once_and_the_encoders_can_be_freed(models, family):
     """Frozen text encoders: a cached embedding is what encoding gives (images equal bit for bit, guidance on),
     a cached prompt is not encoded again, and after text_encoders = 'free' the encoders are gone."""
@@ -359,7 +377,7 @@ def test_the_prompt_cache_keeps_its_size(tiny_sd):
 
 
 # --- weight_l2 ------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("training", ["lora", "full"])
 def test_weight_l2_zero_at_init_positive_after_a_step(models, family, training):
     from rewardkit.regularizers.weight_l2 import WeightL2
@@ -390,7 +408,7 @@ def test_lora_distance_equals_peft_delta_weights(tiny_sd):
 
 
 # --- a short run raises the reward ------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_short_run_raises_reward(models, family, tmp_path):
     from rewardkit.optimizer import Optimizer
     from rewardkit.regularizers.intermediate_step import IntermediateStep
@@ -502,7 +520,7 @@ def test_sliced_vae_decode_matches_full(tiny_sd):
         torch.testing.assert_close(sliced(PROMPTS, noise, sliced.sample_options()), full(PROMPTS, noise, full.sample_options()), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_is_deterministic_in_every_mode(models, family):
     """No submodule (LoRA layers included) runs in training mode: the same noise gives the same images."""
     cls, model = models[family]
@@ -516,7 +534,7 @@ def test_sampling_is_deterministic_in_every_mode(models, family):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rows_run_apart_see_their_own_prompts_under_guidance(models, family):
     """Steps that run some rows of the batch apart give each row what a batch of its own gives (guidance on)."""
     cls, model = models[family]

@@ -13,10 +13,14 @@ __getattr__ = lazy_attributes(__name__, {name: "rewardkit.generators.base" for n
 
 @hookimpl
 def register_generators(register):
+    from rewardkit.generators.flux import Flux
     from rewardkit.generators.pixels import Pixels
     from rewardkit.generators.sd import StableDiffusion
     from rewardkit.generators.sd3 import StableDiffusion3
+    from rewardkit.generators.sdxl import StableDiffusionXL
 
     register(Pixels)
     register(StableDiffusion)
+    register(StableDiffusionXL)
     register(StableDiffusion3)
+    register(Flux)

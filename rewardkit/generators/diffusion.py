@@ -1,4 +1,4 @@
-"""What the `sd` and `sd3` generators share: a diffusers pipeline, LoRA, and R0's K-step sampler on it.
+"""What the diffusion generators (`sd`, `sdxl`, `sd3`, `flux`) share: a diffusers pipeline, LoRA, and R0's K-step sampler on it.
 
 This file loads the pipeline (hub id, local folder or single file), makes
 its denoiser trainable (a peft LoRA adapter, every weight, or - training =
@@ -34,11 +34,16 @@ log = logging.getLogger("rewardkit")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Blocks of the denoisers, VAEs and text encoders that FSDP shards as units.
-FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer", "T5Block")
+FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+               "ResnetBlock2D", "CLIPEncoderLayer", "T5Block")
+
+
+# The built-in generator type of each diffusers pipeline class (named in errors for a model given to the wrong type).
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 class DiffusionOptions(PluginOptions):
-    """Options shared by the diffusion generators (`sd`, `sd3`)."""
+    """Options shared by the diffusion generators (`sd`, `sdxl`, `sd3`, `flux`)."""
 
     model: str
     """A hub id (loaded from the local Hugging Face cache, or downloaded when online), a local
@@ -88,7 +93,7 @@ class DiffusionOptions(PluginOptions):
 
 
 class DiffusionGenerator(Generator):
-    """A K-step sampler on a diffusers pipeline; `sd` and `sd3` fill in the model-specific parts.
+    """A K-step sampler on a diffusers pipeline; each family (sd.py, sdxl.py, sd3.py, flux.py) fills in its own parts.
 
     Subclasses define: `pipeline_class` (diffusers class name), `supported_pipelines`,
     `denoiser_name` ('unet' / 'transformer'), `_check_pipeline`, `schedule`, `noise_levels`,
@@ -157,7 +162,7 @@ class DiffusionGenerator(Generator):
         self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(FSDP_BLOCKS))
 
         factor = pipe.vae_scale_factor * self._patch_size()
-        native = self.denoiser.config.sample_size * pipe.vae_scale_factor
+        native = self._native_size()
         self.height = self.options.height or native
         self.width = self.options.width or native
         if self.height % factor or self.width % factor:
@@ -178,6 +183,10 @@ class DiffusionGenerator(Generator):
 
     def _patch_size(self) -> int:
         return 1
+
+    def _native_size(self) -> int:
+        """The model's default image side in pixels."""
+        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
 
     def _load_pipeline(self):
         """The diffusers pipeline of `model`: a single file, a local folder, or a hub id (cache first)."""
@@ -228,8 +237,7 @@ class DiffusionGenerator(Generator):
         if class_name not in self.supported_pipelines:
             raise UserError(
                 f"generator.model {self.options.model!r} is a {class_name or 'unknown'} pipeline; the '{self.name}' "
-                f"generator supports {', '.join(self.supported_pipelines)}. (SD 1.x/2.x models: type = 'sd'; "
-                "SD3: type = 'sd3'.)"
+                f"generator supports {', '.join(self.supported_pipelines)}. ({'; '.join(f'{c}: type = {t!r}' for c, t in FAMILIES.items())}.)"
             )
 
     # --- what the optimizer calls ----------------------------------------------------------
@@ -267,17 +275,38 @@ class DiffusionGenerator(Generator):
         """The K-step sampler (rewardkit.sampler) on this model: the clean latents, with gradient where options ask
         (under deep supervision, those of every supervised step, stacked step-major)."""
         K = options.num_steps or self.options.num_steps
-        schedule = self.schedule(K, noise.device)
+        return self._sample(prompts, noise, self.schedule(K, noise.device), options, trajectory)
+
+    def _sample(self, prompts, x_start: torch.Tensor, schedule: dict, options: SampleOptions, trajectory: list | None = None) -> torch.Tensor:
+        """The sampler over `schedule`'s steps from x_start, the latents entering its first step."""
         with torch.no_grad():
-            cond = self._conditioning(list(prompts), noise.device)
+            cond = self._conditioning(list(prompts), x_start.device)
         return sampler.sample(
             lambda x, k, rows: self._predict(x, schedule, k, cond if rows is None else _rows_of(cond, rows, len(prompts))),
-            noise, schedule["alpha"], schedule["sigma"], options.eta,
+            x_start, schedule["alpha"], schedule["sigma"], options.eta,
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory, deep_supervision=options.deep_supervision,
             # sharded (FSDP): every network call is a collective, so all processes make the same calls
             agree=agree_max if fsdp_wrapped(self) else None,
         )
+
+    def edit(self, prompts: Sequence[str], images: torch.Tensor, noise: torch.Tensor, strength: float) -> torch.Tensor:
+        """Edit images (B, 3, H, W) in [0, 1] toward the prompts, as diffusers' img2img pipelines do (SDEdit): their
+        latents noised to the level of step K - n, then the last n = int(K * strength) steps of the sampler, at the
+        generator's inference eta. Strength 0 returns the images through the VAE; strength 1 starts from the noise
+        alone, i.e. plain sampling (diffusers' img2img keeps alpha_t x0 in it, 0.07 x0 at SD's t = 999; its
+        inpainting pipelines start from the noise, as here). No gradient."""
+        if not 0 <= strength <= 1:
+            raise UserError(f"--strength must be in [0, 1], got {strength}")
+        K = self.options.num_steps
+        n = min(int(K * strength), K)
+        with torch.no_grad():
+            x0 = self.encode(images.to(noise.device))
+            if n == 0:
+                return self.decode(x0)
+            schedule = {k: v[K - n :] for k, v in self.schedule(K, noise.device).items()}
+            start = noise if n == K else schedule["alpha"][0] * x0 + schedule["sigma"][0] * noise
+            return self.decode(self._sample(prompts, start, schedule, self.sample_options()))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images in [0, 1], as diffusers' pipelines decode them (with gradient)."""
@@ -351,7 +380,8 @@ class DiffusionGenerator(Generator):
         # would deadlock, so sharded encoders encode every batch (text_encoders = 'free' encodes before sharding).
         if not freed and (not self.options.prompt_cache or self._encoders_sharded()):
             return self._encode(prompts, device, negative=[negative] * len(prompts) if negative is not None else [])
-        rows = prompts if negative is None else [negative] * len(prompts) + prompts
+        zero_negative = negative is not None and self._zero_negative(negative)
+        rows = prompts if negative is None or zero_negative else [negative] * len(prompts) + prompts
         cache, unique = self._embedding_cache, list(dict.fromkeys(rows))
         missing = [p for p in unique if p not in cache]
         if missing and freed:
@@ -366,6 +396,8 @@ class DiffusionGenerator(Generator):
             self._cache_embeddings(missing, device, keep=len(unique))
         parts = zip(*(cache[p] for p in rows))
         out = tuple(torch.stack(part).to(device, non_blocking=True) for part in parts)
+        if zero_negative:
+            out = tuple(torch.cat([torch.zeros_like(t), t]) for t in out)
         return out if len(out) > 1 else out[0]
 
     def _encoders_sharded(self) -> bool:
@@ -405,6 +437,10 @@ class DiffusionGenerator(Generator):
         if set(theta_0) != {n for n, p in self.denoiser.named_parameters() if p.requires_grad}:
             raise RuntimeError("the reference weights do not cover the trained denoiser's parameters")
         return torch.func.functional_call(self.denoiser, theta_0, args, kwargs)
+
+    def _zero_negative(self, negative: str) -> bool:
+        """Whether the negative prompt's conditioning is zeros rather than its encoding (SDXL's empty prompt)."""
+        return False
 
     def _negative_prompts(self, n: int) -> list[str]:
         """The unconditional prompts of classifier-free guidance at sampling, or [] without guidance."""
@@ -459,7 +495,17 @@ class DiffusionGenerator(Generator):
             "negative_prompt": self.options.negative_prompt,
             "height": self.height,
             "width": self.width,
+            "pipeline_call": self.pipeline_call(),
         }
+
+    def pipeline_call(self) -> dict:
+        """The arguments of the family pipeline's __call__, besides the prompts and `latents`, that reproduce this
+        generator's eta = 0 images (with the scheduler `export_scheduler` gives)."""
+        call = {"num_inference_steps": self.options.num_steps, "guidance_scale": self.options.guidance_scale,
+                "height": self.height, "width": self.width}
+        if self.options.guidance_scale != 1.0:
+            call["negative_prompt"] = self.options.negative_prompt
+        return call
 
     # --- family-specific ---------------------------------------------------------------------
     def _check_pipeline(self, pipe) -> None:

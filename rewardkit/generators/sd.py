@@ -91,8 +91,12 @@ class StableDiffusion(DiffusionGenerator):
         embeds = torch.cat([uncond, cond]) if negative else cond
         return embeds.to(self.denoiser_dtype)  # a float32 (fully trained) UNet next to bf16 text encoders
 
+    control = None  # a rewardkit.controlnet.Control while sampling with a ControlNet (`rewardkit sample --controlnet`)
+
     def _network(self, x, timesteps, cond, base: bool = False):
-        return self._call_denoiser(base, self._denoiser_input(x), timesteps, encoder_hidden_states=cond, return_dict=False)[0].float()
+        x = self._denoiser_input(x)
+        extra = self.control.residuals(x, timesteps, cond) if self.control is not None else {}
+        return self._call_denoiser(base, x, timesteps, encoder_hidden_states=cond, return_dict=False, **extra)[0].float()
 
     def _x0_eps(self, x, out, alpha, sigma):
         if self.prediction_type == "v_prediction":

@@ -1,0 +1,235 @@
+"""The model families beyond SD 1.x and SD3: SDXL, SD3.5 and FLUX.1, against their own diffusers pipelines.
+
+At eta = 0 each generator's images are its family pipeline's, called as a
+user would call it (tiny random models built from configs, offline); the
+family's own conditioning (SDXL's micro-conditioning and zero unconditional
+prompt, FLUX's embedded guidance and packed latents) reaches the network; the
+published architectures, built from bench/configs on the meta device, have
+the published parameter counts. What every family shares (gradients in each
+training mode, R0+, the prompt cache, a short run raising a reward) is in
+test_sd_generators.py, parametrized over the families.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import save_tiny, tiny_sd3_pipeline  # noqa: E402
+
+from rewardkit.errors import UserError  # noqa: E402
+from rewardkit.generators.flux import Flux, pack  # noqa: E402
+from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
+from rewardkit.generators.sdxl import StableDiffusionXL  # noqa: E402
+
+PROMPTS = ["a red cat", "a photo of a dog"]
+CONFIGS = Path(__file__).parent.parent / "bench" / "configs"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    out = {
+        "sdxl": save_tiny("sdxl", root / "sdxl"),
+        "sdxl_v": save_tiny("sdxl", root / "sdxl_v", prediction_type="v_prediction"),
+        "flux_dev": save_tiny("flux", root / "flux_dev"),
+        "flux_schnell": save_tiny("flux", root / "flux_schnell", guidance_embeds=False),
+    }
+    tiny_sd3_pipeline(sd35=True).save_pretrained(root / "sd35")
+    out["sd35"] = root / "sd35"
+    return {k: str(v) for k, v in out.items()}
+
+
+def build(cls, model, **options):
+    gen = cls(model=model, **options)
+    gen.setup(PROMPTS, 0)
+    return gen
+
+
+def noise_for(gen, seed=0):
+    return torch.randn((len(PROMPTS), *gen.noise_shape()), generator=torch.Generator().manual_seed(seed))
+
+
+def close(ours, ref):
+    """Equal to float32 rounding: images in [0, 1] to 1e-5; latents to 1e-5 of their largest magnitude."""
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=0)
+
+
+# --- eta = 0: the families' own pipelines ------------------------------------------------------
+@pytest.mark.parametrize("variant", ["sdxl", "sdxl_v"])
+@pytest.mark.parametrize("guidance,negative", [(1.0, ""), (3.0, ""), (3.0, "blurry")])
+def test_sdxl_matches_its_pipeline(folders, variant, guidance, negative):
+    """SDXL's pipeline with the exported trailing DDIM: guidance with the zero unconditional embedding (no negative
+    prompt given, SDXL's force_zeros_for_empty_prompt) and with a real negative prompt; eps and v prediction."""
+    from diffusers import StableDiffusionXLPipeline
+
+    gen = build(StableDiffusionXL, folders[variant], guidance_scale=guidance, negative_prompt=negative)
+    noise = noise_for(gen)
+    with torch.no_grad():
+        latents = gen.sample_latents(PROMPTS, noise, gen.sample_options())
+        images = gen.decode(latents)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders[variant])
+    pipe.scheduler = gen.export_scheduler()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=4, guidance_scale=guidance, negative_prompt=[negative] * 2 if negative else None,
+                latents=noise, height=32, width=32)
+    close(latents, pipe(PROMPTS, output_type="latent", **call).images)
+    close(images, pipe(PROMPTS, output_type="pt", **call).images)
+    assert images.std() > 0.01
+
+
+def test_sdxl_micro_conditioning_reaches_the_unet(folders):
+    """original_size / crop_top_left are the pipeline's original_size / crops_coords_top_left, and they matter."""
+    from diffusers import StableDiffusionXLPipeline
+
+    plain = build(StableDiffusionXL, folders["sdxl"])
+    told = build(StableDiffusionXL, folders["sdxl"], original_size=(512, 384), crop_top_left=(16, 0))
+    noise = noise_for(plain)
+    with torch.no_grad():
+        a = plain.sample_latents(PROMPTS, noise, plain.sample_options())
+        b = told.sample_latents(PROMPTS, noise, told.sample_options())
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    pipe.scheduler = told.export_scheduler()
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise, output_type="latent", height=32, width=32,
+               original_size=(512, 384), crops_coords_top_left=(16, 0)).images
+    close(b, ref)
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+    assert told.pipeline_call()["original_size"] == (512, 384) and told.pipeline_call()["crops_coords_top_left"] == (16, 0)
+
+
+def test_sdxl_in_float16_decodes_in_float32(folders):
+    """SDXL's VAE overflows in float16 (its config says force_upcast): it stays float32 under fp16 weights."""
+    gen = build(StableDiffusionXL, folders["sdxl"], weights_dtype="float16")
+    assert gen.vae.dtype == torch.float32 and gen.unet.dtype == torch.float16 and gen.text_encoder_2.dtype == torch.float16
+
+
+def test_sd35_matches_its_pipeline(folders):
+    """SD3.5's MMDiT-X (dual attention) and QK norm behind the same StableDiffusion3Pipeline and the same generator."""
+    from diffusers import StableDiffusion3Pipeline
+
+    gen = build(StableDiffusion3, folders["sd35"], guidance_scale=2.0, num_steps=3)
+    assert gen.transformer.transformer_blocks[0].attn2 is not None  # the tiny model has what SD3.5 adds
+    assert gen.transformer.transformer_blocks[0].attn.norm_q is not None
+    noise = noise_for(gen)
+    with torch.no_grad():
+        ours = gen(PROMPTS, noise, gen.sample_options())
+    pipe = StableDiffusion3Pipeline.from_pretrained(folders["sd35"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, num_inference_steps=3, sigmas=[1.0, 2 / 3, 1 / 3], guidance_scale=2.0, latents=noise,
+               output_type="pt", height=16, width=16).images
+    close(ours, ref)
+    assert ours.std() > 0.01
+
+
+@pytest.mark.parametrize("variant", ["flux_dev", "flux_schnell"])
+@pytest.mark.parametrize("true_cfg", [1.0, 2.0])
+def test_flux_matches_its_pipeline(folders, variant, true_cfg):
+    """FLUX.1 [dev] (guidance embedding, resolution-dependent shift) and [schnell] (neither) against FluxPipeline, whose
+    `latents` are the packed noise and whose default sigmas are rewardkit's trailing ones; guidance_scale here is
+    true classifier-free guidance, the pipeline's true_cfg_scale."""
+    from diffusers import FluxPipeline
+
+    gen = build(Flux, folders[variant], height=16, width=16, num_steps=3, guidance_scale=true_cfg, max_sequence_length=16)
+    noise = noise_for(gen)
+    with torch.no_grad():
+        ours = gen(PROMPTS, noise, gen.sample_options())
+    pipe = FluxPipeline.from_pretrained(folders[variant])
+    pipe.set_progress_bar_config(disable=True)
+    packed = FluxPipeline._pack_latents(noise, *noise.shape)
+    ref = pipe(PROMPTS, num_inference_steps=3, true_cfg_scale=true_cfg, negative_prompt="" if true_cfg != 1 else None,
+               latents=packed, output_type="pt", height=16, width=16, max_sequence_length=16).images
+    close(ours, ref)
+    assert ours.std() > 0.01
+    torch.testing.assert_close(pack(noise), packed, rtol=0, atol=0)
+
+
+def test_flux_dev_guidance_is_the_pipelines_guidance_scale_and_schnell_refuses_it(folders):
+    from diffusers import FluxPipeline
+
+    gen = build(Flux, folders["flux_dev"], height=16, width=16, num_steps=2, guidance=6.0, max_sequence_length=16)
+    default = build(Flux, folders["flux_dev"], height=16, width=16, num_steps=2, max_sequence_length=16)
+    assert default.embedded_guidance == 3.5  # FluxPipeline's default guidance_scale
+    noise = noise_for(gen)
+    with torch.no_grad():
+        ours, other = gen(PROMPTS, noise, gen.sample_options()), default(PROMPTS, noise, default.sample_options())
+    pipe = FluxPipeline.from_pretrained(folders["flux_dev"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, num_inference_steps=2, guidance_scale=6.0, latents=FluxPipeline._pack_latents(noise, *noise.shape),
+               output_type="pt", height=16, width=16, max_sequence_length=16).images
+    close(ours, ref)
+    assert (ours - other).abs().max() > 1e-4
+    with pytest.raises(UserError, match="no guidance embedding"):
+        build(Flux, folders["flux_schnell"], height=16, width=16, guidance=3.5)
+
+
+def test_flux_dev_shift_grows_with_the_image(folders):
+    """[dev]'s dynamic shift: the same unshifted level is noisier at a larger size (more image tokens)."""
+    small = build(Flux, folders["flux_dev"], height=16, width=16, max_sequence_length=16)
+    large = build(Flux, folders["flux_dev"], height=64, width=64, max_sequence_length=16)
+    u = torch.tensor([0.5])
+    assert large.noise_levels(u)["sigma"] > small.noise_levels(u)["sigma"] > 0.5
+    schnell = build(Flux, folders["flux_schnell"], height=16, width=16, max_sequence_length=16)
+    torch.testing.assert_close(schnell.noise_levels(u)["sigma"], u)  # shift 1: the level itself
+
+
+# --- the published architectures ---------------------------------------------------------------
+# Parameter counts of the published denoisers: SDXL base 1.0's UNet and FLUX.1's transformer (12B; [schnell] lacks
+# [dev]'s guidance embedder, 256 -> 3072 -> 3072: 10,229,760 weights), as diffusers counts them. SD3.5 against
+# KerasHub's presets, which count each whole model (CLIP-L, CLIP-G, VAE and the MMDiT with its positional embedding,
+# which diffusers keeps as a buffer): their differences to SD3 Medium (2,987,080,931) are the MMDiTs' differences.
+KERAS_SD3 = {"sd3_medium": 2_987_080_931, "sd35_medium": 3_371_793_763, "sd35_large": 9_048_410_595}
+PUBLISHED = {"sdxl": 2_567_463_684, "flux_dev": 11_901_408_320, "flux_schnell": 11_901_408_320 - 10_229_760}
+
+
+def _meta_count(folder: str, name: str) -> tuple[int, int]:
+    """(parameters, positional-embedding buffer elements) of bench/configs/<folder>/<name>.json on the meta device."""
+    import diffusers
+
+    config = json.loads((CONFIGS / folder / f"{name}.json").read_text())
+    with torch.device("meta"):
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+    pos = getattr(getattr(model, "pos_embed", None), "pos_embed", None)
+    return sum(p.numel() for p in model.parameters()), (pos.numel() if pos is not None else 0)
+
+
+@pytest.mark.parametrize("folder,name", [("sdxl", "unet"), ("flux_dev", "transformer"), ("flux_schnell", "transformer")])
+def test_published_parameter_counts(folder, name):
+    assert _meta_count(folder, name)[0] == PUBLISHED[folder]
+
+
+@pytest.mark.parametrize("folder", ["sd35_medium", "sd35_large"])
+def test_sd35_parameter_counts_match_the_published_presets(folder):
+    params, pos = _meta_count(folder, "transformer")
+    base_params, base_pos = _meta_count("sd3_medium", "transformer")
+    assert (params + pos) - (base_params + base_pos) == KERAS_SD3[folder] - KERAS_SD3["sd3_medium"]
+
+
+# --- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [StableDiffusionXL, StableDiffusion3, Flux])
+def test_missing_model_names_it(cls, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as err:
+        build(cls, f"no-such-org/no-such-{cls.name}")
+    assert f"no-such-org/no-such-{cls.name}" in str(err.value) and "huggingface-cli download" in str(err.value)
+
+
+def test_a_model_given_to_the_wrong_family_names_the_right_type(folders):
+    from rewardkit.generators.sd import StableDiffusion
+
+    with pytest.raises(UserError, match="StableDiffusionXLPipeline pipeline.*StableDiffusionXLPipeline: type = 'sdxl'"):
+        build(StableDiffusion, folders["sdxl"])
+    with pytest.raises(UserError, match="FluxPipeline: type = 'flux'"):
+        build(StableDiffusion3, folders["flux_dev"])
