@@ -4,12 +4,13 @@
     python bench/full_size.py --rows sd3:1024 --precision bf16  # SD3-Medium at 1024 px (a GPU: bench/gpu_check.sh)
     python bench/full_size.py --encoders                        # text encoders: forward time per prompt
 
-SD 1.5 (UNet, VAE, CLIP-L) and SD3-Medium (MMDiT, VAE, CLIP-L, CLIP-G,
-T5-XXL) are built from the configs in bench/configs/ (copied from the
-published model folders), with random weights: nothing is downloaded. So
+SD 1.5, SDXL, SD3-Medium, SD3.5 Medium / Large and FLUX.1-dev (denoiser,
+VAE, text encoders: `FAMILIES`) are built from the configs in bench/configs/
+(copied from the published model folders), with random weights: nothing is
+downloaded. So
 are the R0 rewards, HPS v2.1 (open_clip ViT-H-14), ImageReward (BLIP ViT-L +
 BERT) and CLIP score (ViT-H-14). The generator, the regularizers and the
-optimizer are the shipped recipe's (recipes/r0_sd15.toml, r0_sd3.toml) and
+optimizer are the shipped recipe's (recipes/r0_sd15.toml, r0_sdxl.toml, ...) and
 the steps are rewardkit's own `Optimizer`: LoRA and full fine-tuning, gradient
 checkpointing on and off, in the run's precision.
 
@@ -73,19 +74,51 @@ def default_dtype(dtype):
         torch.set_default_dtype(saved)
 
 
-FOLDERS = {"sd15": "sd15", "sd3": "sd3_medium"}  # bench/configs/<folder>: stable-diffusion-v1-5, stable-diffusion-3-medium-diffusers
+# Each family: its name in tables, its recipe, its generator, its pipeline, and where each component's published config
+# is in bench/configs (copied from the published model folders; components the families share are stored once:
+# CLIP-L, CLIP-G, T5-XXL and the 16-channel VAE with SD3 Medium's, SD 1.5's VAE and scheduler also serve SDXL).
+# "clip" builds CLIPTextModel, "clip+proj" CLIPTextModelWithProjection, "t5" T5EncoderModel; "t5:N" pads T5 to N tokens.
+SD3_TEXT = {"text_encoder": ("sd3_medium/text_encoder", "clip+proj"), "text_encoder_2": ("sd3_medium/text_encoder_2", "clip+proj"),
+            "text_encoder_3": ("sd3_medium/text_encoder_3", "t5:256")}
+FAMILIES = {
+    "sd15": {"name": "SD 1.5", "recipe": "r0_sd15", "pipeline": "StableDiffusionPipeline",
+             "parts": {"unet": ("sd15/unet", None), "vae": ("sd15/vae", None), "text_encoder": ("sd15/text_encoder", "clip"),
+                       "scheduler": ("sd15/scheduler", None)},
+             "extra": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}},
+    "sdxl": {"name": "SDXL", "recipe": "r0_sdxl", "pipeline": "StableDiffusionXLPipeline",
+             "parts": {"unet": ("sdxl/unet", None), "vae": ("sd15/vae", None), "text_encoder": ("sd3_medium/text_encoder", "clip"),
+                       "text_encoder_2": ("sd3_medium/text_encoder_2", "clip+proj"), "scheduler": ("sd15/scheduler", None)},
+             "extra": {"add_watermarker": False}},
+    "sd3": {"name": "SD3-Medium", "recipe": "r0_sd3", "pipeline": "StableDiffusion3Pipeline",
+            "parts": {"transformer": ("sd3_medium/transformer", None), "vae": ("sd3_medium/vae", None), **SD3_TEXT,
+                      "scheduler": ("sd3_medium/scheduler", None)}},
+    "sd35": {"name": "SD3.5-Medium", "recipe": "r0_sd35", "pipeline": "StableDiffusion3Pipeline",
+             "parts": {"transformer": ("sd35_medium/transformer", None), "vae": ("sd3_medium/vae", None), **SD3_TEXT,
+                       "scheduler": ("sd3_medium/scheduler", None)}},
+    "sd35_large": {"name": "SD3.5-Large", "recipe": "r0_sd35", "pipeline": "StableDiffusion3Pipeline",
+                   "parts": {"transformer": ("sd35_large/transformer", None), "vae": ("sd3_medium/vae", None), **SD3_TEXT,
+                             "scheduler": ("sd3_medium/scheduler", None)}},
+    "flux": {"name": "FLUX.1-dev", "recipe": "r0_flux", "pipeline": "FluxPipeline",
+             "parts": {"transformer": ("flux_dev/transformer", None), "vae": ("sd3_medium/vae", None),
+                       "text_encoder": ("sd3_medium/text_encoder", "clip"), "text_encoder_2": ("sd3_medium/text_encoder_3", "t5:512"),
+                       "scheduler": ("flux_dev/scheduler", None)}},
+}
 
 
-def _config(family: str, name: str) -> dict:
-    raw = json.loads((CONFIGS / FOLDERS[family] / f"{name}.json").read_text())
+def _config(path: str) -> dict:
+    raw = json.loads((CONFIGS / f"{path}.json").read_text())
     return {k: v for k, v in raw.items() if not k.startswith("_") and k != "architectures"}
 
 
-def _clip_text(family: str, name: str, tokenizer, projection: bool):
+def _class_name(path: str) -> str:
+    return json.loads((CONFIGS / f"{path}.json").read_text())["_class_name"]
+
+
+def _clip_text(path: str, tokenizer, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = CLIPTextConfig(**_config(family, name), **ids)
+    config = CLIPTextConfig(**_config(path), **ids)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -101,40 +134,37 @@ def build_pipeline(family: str, dtype: torch.dtype, t5_blocks: int | None = None
     """The family's diffusers pipeline at its published size, random weights, built in `dtype` (meta: no memory).
 
     Tokenizers are built in memory (byte-level CLIP BPE, a small T5 vocabulary): prompts pad to the published
-    lengths (77 CLIP tokens, SD3's 256 T5 tokens), so every network does the work it does with the real ones."""
+    lengths (77 CLIP tokens, 256 T5 tokens for SD3, 512 for FLUX), so every network does the work it does with the
+    real ones. `t5_blocks`: build T5-XXL with fewer blocks (same output shape)."""
     import diffusers
+    from transformers import T5Config, T5EncoderModel
+
     from rewardkit.testbed.models import clip_tokenizer
 
+    spec = FAMILIES[family]
     clip_tok = clip_tokenizer(max_length=77)
+    parts = {}
     with torch.device(device), default_dtype(dtype):
-        vae = diffusers.AutoencoderKL.from_config(_config(family, "vae"))
-        if family == "sd15":
-            return diffusers.StableDiffusionPipeline(
-                vae=vae, text_encoder=_clip_text(family, "text_encoder", clip_tok, False), tokenizer=clip_tok,
-                unet=diffusers.UNet2DConditionModel.from_config(_config(family, "unet")),
-                scheduler=diffusers.PNDMScheduler.from_config(_config(family, "scheduler")),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-        from transformers import T5Config, T5EncoderModel
-
-        t5 = _config(family, "text_encoder_3")
-        if t5_blocks is not None:
-            t5["num_layers"] = t5_blocks
-        return diffusers.StableDiffusion3Pipeline(
-            transformer=diffusers.SD3Transformer2DModel.from_config(_config(family, "transformer")),
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(_config(family, "scheduler")), vae=vae,
-            text_encoder=_clip_text(family, "text_encoder", clip_tok, True), tokenizer=clip_tok,
-            text_encoder_2=_clip_text(family, "text_encoder_2", clip_tok, True), tokenizer_2=clip_tok,
-            text_encoder_3=T5EncoderModel(T5Config(**t5)), tokenizer_3=_t5_tokenizer(256),
-        )
+        for name, (path, kind) in spec["parts"].items():
+            if kind is None:
+                parts[name] = getattr(diffusers, _class_name(path)).from_config(_config(path))
+            elif kind.startswith("clip"):
+                parts[name] = _clip_text(path, clip_tok, projection=kind == "clip+proj")
+                parts[name.replace("text_encoder", "tokenizer")] = clip_tok
+            else:
+                t5 = _config(path) | ({"num_layers": t5_blocks} if t5_blocks is not None else {})
+                parts[name] = T5EncoderModel(T5Config(**t5))
+                parts[name.replace("text_encoder", "tokenizer")] = _t5_tokenizer(int(kind.split(":")[1]))
+    return getattr(diffusers, spec["pipeline"])(**parts, **spec.get("extra", {}))
 
 
 def full_size_generator(family: str, pipe, **options):
-    """The recipe's generator class (`sd` / `sd3`) on `pipe` instead of a model folder."""
-    from rewardkit.generators.sd import StableDiffusion
-    from rewardkit.generators.sd3 import StableDiffusion3
+    """The recipe's generator class on `pipe` instead of a model folder."""
+    from rewardkit.plugins import load_registry
 
-    class FullSize(StableDiffusion if family == "sd15" else StableDiffusion3):
+    cls = load_registry().get("generator", recipe_of(family)["generator"]["type"])
+
+    class FullSize(cls):
         def _load_pipeline(self):
             return pipe
 
@@ -142,14 +172,14 @@ def full_size_generator(family: str, pipe, **options):
 
 
 def recipe_of(family: str) -> dict:
-    return tomllib.loads((RECIPES / ("r0_sd15.toml" if family == "sd15" else "r0_sd3.toml")).read_text())
+    return tomllib.loads((RECIPES / f"{FAMILIES[family]['recipe']}.toml").read_text())
 
 
 def generator_options(family: str, row: dict) -> dict:
     options = {k: v for k, v in recipe_of(family)["generator"].items() if k not in ("type", "model")}
     options.update(height=row["size"], width=row["size"], training=row["training"], gradient_checkpointing=row["checkpointing"],
                    weights_dtype=str(DTYPES[row["precision"]]).removeprefix("torch."))
-    if family == "sd3":
+    if "text_encoder_3" in FAMILIES[family]["parts"]:  # SD3's T5-XXL: the prompts are encoded at set-up, the encoders freed
         options["text_encoders"] = "free"
     return options
 
@@ -164,9 +194,9 @@ def planned_bytes(row: dict) -> dict:
     family, training = row["family"], row["training"]
     frozen_size = DTYPES[row["precision"]].itemsize
     pipe = build_pipeline(family, torch.float32, row.get("t5_blocks"), device="meta")
-    denoiser = pipe.unet if family == "sd15" else pipe.transformer
     parts = {name: _numel(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     gen = full_size_generator(family, pipe, **generator_options(family, row))
+    denoiser = getattr(pipe, gen.denoiser_name)
     from peft import LoraConfig
 
     if training == "lora":
@@ -178,7 +208,8 @@ def planned_bytes(row: dict) -> dict:
         trainable = parts[gen.denoiser_name]
         frozen = sum(parts.values()) - trainable
         reference = trainable * 4  # theta_0 in float32, for weight L2
-    encoders = sum(v for k, v in parts.items() if k.startswith("text_encoder")) if family == "sd3" else 0
+    freed = gen.options.text_encoders == "free"
+    encoders = sum(v for k, v in parts.items() if k.startswith("text_encoder")) if freed else 0
     rewards = reward_params(row.get("rewards", REWARDS))
     reward_size = getattr(torch, row["reward_dtype"]).itemsize if row.get("reward_dtype") else frozen_size
     out = {
@@ -278,7 +309,7 @@ def encoder_times(family: str, dtype: torch.dtype, device: str, repeat: int) -> 
         tokenizer = pipe.components[name.replace("text_encoder", "tokenizer")]
         with torch.device(device), default_dtype(dtype):
             encoder = type(pipe.components[name])(pipe.components[name].config).eval()
-        length = 256 if name == "text_encoder_3" else 77
+        length = tokenizer.model_max_length
         ids = tokenizer(PROMPTS[:1], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(device)
         times = []
         with torch.no_grad():
@@ -296,20 +327,19 @@ def encoder_times(family: str, dtype: torch.dtype, device: str, repeat: int) -> 
     return rows
 
 
-def print_plan(precision: str, reward_dtype: str | None) -> None:
-    """Weights and training state per process, before activations, for each family and training mode (GiB)."""
-    cols = [(f, t) for f in ("sd15", "sd3") for t in ("lora", "full")]
-    plans = {c: planned_bytes({"family": c[0], "training": c[1], "size": 512, "checkpointing": True, "precision": precision, "reward_dtype": reward_dtype}) for c in cols}
-    names = {"sd15": "SD 1.5", "sd3": "SD3-Medium"}
-    print("| GiB per process, before activations | " + " | ".join(f"{names[f]}, {t}" for f, t in cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    rows = [("frozen weights (SD3: with T5-XXL; of it the text encoders)", lambda p: f"{p['frozen_gb']:.2f}" + (f" ({p['encoders_gb']:.2f})" if p["encoders_gb"] else "")),
-            ("trainable: float32 weights + gradients + Adam's m, v (16 bytes each)", lambda p: f"{p['train_state_gb']:.2f}"),
-            ("weight L2's reference copy of theta_0 (float32)", lambda p: f"{p['reference_gb']:.2f}"),
-            ("reward models: HPS v2.1 + ImageReward + CLIP ViT-H-14", lambda p: f"{p['rewards_gb']:.2f}"),
-            ("total", lambda p: f"**{p['total_gb']:.2f}**")]
-    for label, cell in rows:
-        print(f"| {label} | " + " | ".join(cell(plans[c]) for c in cols) + " |")
+def print_plan(precision: str, reward_dtype: str | None, families=tuple(FAMILIES)) -> None:
+    """Weights and training state per process, before activations, for each family and training mode (GiB), at the
+    recipes' settings (LoRA rank 64, Adam, weight L2; SD3's and FLUX's text encoders freed after set-up)."""
+    print("| GiB per process, before activations | frozen weights (of it: text encoders, freed after set-up) "
+          "| trainable: fp32 weights + grads + Adam m, v | weight L2's fp32 theta_0 | rewards: HPS v2.1 + ImageReward + CLIP H | total |")
+    print("|---|---|---|---|---|---|")
+    for family in families:
+        for training in ("lora", "full"):
+            p = planned_bytes({"family": family, "training": training, "size": 512, "checkpointing": True, "precision": precision,
+                               "reward_dtype": reward_dtype})
+            frozen = f"{p['frozen_gb']:.2f}" + (f" ({p['encoders_gb']:.2f})" if p["encoders_gb"] else "")
+            print(f"| {FAMILIES[family]['name']}, {training} | {frozen} | {p['train_state_gb']:.2f} | {p['reference_gb']:.2f} "
+                  f"| {p['rewards_gb']:.2f} | **{p['total_gb']:.2f}** |")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -339,14 +369,16 @@ def parse_rows(text: str, trainings: list[str], checkpointing: list[bool]) -> li
     rows = []
     for item in text.split(","):
         family, size = item.split(":")
-        family = {"sd": "sd15", "sd15": "sd15", "sd3": "sd3"}[family]
+        family = {"sd": "sd15"}.get(family, family)
+        if family not in FAMILIES:
+            raise SystemExit(f"--rows: unknown family {family!r}; choose from {', '.join(FAMILIES)}")
         rows += [(family, int(size), t, c) for t in trainings for c in checkpointing]
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="sd15:256,sd15:512,sd3:256", help="family:size pairs (family sd15 or sd3)")
+    parser.add_argument("--rows", default="sd15:256,sd15:512,sd3:256", help=f"family:size pairs (families: {', '.join(FAMILIES)})")
     parser.add_argument("--training", default="lora,full")
     parser.add_argument("--checkpointing", default="on,off")
     parser.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU (which emulates bf16 slowly)")
@@ -356,7 +388,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reward-dtype", choices=["float32", "bfloat16", "float16"], help="the rewards' dtype option (default: auto, the run's precision)")
     parser.add_argument("--t5-blocks", type=int, default=None, help="T5-XXL blocks to build (default: all 24)")
     parser.add_argument("--encoders", action="store_true", help="measure the text encoders' forward time per prompt instead")
-    parser.add_argument("--plan", action="store_true", help="only count weights and training state of SD 1.5 / SD3-Medium (meta device): a table")
+    parser.add_argument("--plan", action="store_true", help="only count weights and training state of every family (meta device): a table")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -375,7 +407,7 @@ def main(argv=None) -> int:
         return 0
     if args.encoders:
         print("| model | text encoder | forward per prompt (ms) |\n|---|---|---|")
-        for family in ("sd15", "sd3"):
+        for family in FAMILIES:
             for r in encoder_times(family, DTYPES[precision], device, repeat=args.steps):
                 print(f"| {family} | {r['encoder']} | {r['ms']:.0f} |", flush=True)
         return 0
@@ -387,11 +419,11 @@ def main(argv=None) -> int:
     trainings = args.training.split(",")
     for family, size, training, ckpt in parse_rows(args.rows, trainings, [c == "on" for c in args.checkpointing.split(",")]):
         row = {"family": family, "size": size, "training": training, "checkpointing": ckpt, "precision": precision,
-               "batch": args.batch, "steps": args.steps, "device": device, "t5_blocks": args.t5_blocks if family == "sd3" else None, "reward_dtype": args.reward_dtype, "rewards": args.rewards.split(",")}
+               "batch": args.batch, "steps": args.steps, "device": device, "t5_blocks": args.t5_blocks, "reward_dtype": args.reward_dtype, "rewards": args.rewards.split(",")}
         r = child(row)
         results.append({**row, **r})
         plan = r["plan"]
-        name = {"sd15": "SD 1.5", "sd3": "SD3-Medium" + (f" (T5: {args.t5_blocks} blocks)" if args.t5_blocks is not None else "")}[family]
+        name = FAMILIES[family]["name"] + (f" (T5: {args.t5_blocks} blocks)" if args.t5_blocks is not None and family not in ("sd15", "sdxl") else "")
         cells = (f"{r['peak_gb']:.1f} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['rewards_s']:.1f} | {r['backward_s']:.1f} | {r['optimizer_s']:.2f}"
                  if r["status"] == "ok" else "- | - | - | - | - | -")
         status = r["status"] + (f" ({r['skipped']} of {r['steps']} steps skipped: non-finite)" if r.get("skipped") else "")

@@ -24,6 +24,9 @@ METHODS = {
     "r0_sd15": "sd",
     "r0plus_sd15": "sd",
     "r0_sd3": "sd3",
+    "r0_sdxl": "sdxl",
+    "r0_sd35": "sd35",
+    "r0_flux": "flux",
     "r0plus_hires_sd3": "sd3",
     "draft_k_sd15": "sd",
     "reno_sd_turbo": "sd",
@@ -54,7 +57,7 @@ def test_recipe_validates(path):
     assert recipe.run.steps > 0 and recipe.prompts
 
 
-@pytest.mark.parametrize("name", ["r0_sd15", "r0plus_sd15", "r0_sd3", "r0plus_hires_sd3"])
+@pytest.mark.parametrize("name", ["r0_sd15", "r0plus_sd15", "r0_sd3", "r0plus_hires_sd3", "r0_sdxl", "r0_sd35", "r0_flux"])
 def test_method_recipes_are_r0(name):
     recipe = _load(REPO / "recipes" / f"{name}.toml")
     hires = {"high_resolution"} if name.endswith("hires_sd3") else set()
@@ -74,10 +77,11 @@ def test_reno_recipe_optimizes_noise_of_a_frozen_model():
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
-    from tiny_models import save_tiny_sd, save_tiny_sd3
+    from tiny_models import save_tiny
 
     root = tmp_path_factory.mktemp("tiny")
-    return {"sd": save_tiny_sd(root / "sd"), "sd3": save_tiny_sd3(root / "sd3")}
+    folders = {family: save_tiny(family, root / family) for family in ("sd", "sdxl", "sd3", "flux")}
+    return folders | {"sd35": save_tiny("sd3", root / "sd35", sd35=True)}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -85,7 +89,7 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, reques
     from rewardkit.optimizer import Optimizer
 
     kind = METHODS[name]
-    size = 32 if kind == "sd" else 16
+    size = 32 if kind in ("sd", "sdxl") else 16
     path = REPO / "recipes" / f"{name}.toml"
     base = _load(path)
     overrides = [
@@ -98,6 +102,8 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, reques
     overrides += [f"eval.rewards.{s.label}.type='{CHEAP[s.cls.name]}'" for s in base.evaluation.rewards if s.cls.name in CHEAP]
     if any(s.cls.name == "high_resolution" for s in base.rewards):
         overrides.append(f"rewards.high_resolution.weights='{request.getfixturevalue('hires_classifier')[0]}'")
+    if kind == "flux":
+        overrides.append("generator.max_sequence_length=16")  # the tiny T5's length (FLUX.1's: 512)
     if base.generator.options.num_steps > 4:
         overrides.append("generator.num_steps=5")
     recipe = _load(path, overrides)
@@ -118,5 +124,5 @@ def test_method_recipes_evaluate_the_papers_metrics_on_held_out_prompts(name):
     ev = recipe.evaluation
     assert ev is not None and {s.cls.name for s in ev.rewards} == PAPER_REWARDS | {"laion_aesthetic"}
     assert ev.prompts and not set(ev.prompts) & set(recipe.prompts), "held out: no training prompt among them"
-    if METHODS[name] == "sd3":
+    if METHODS[name] in ("sd3", "sd35"):
         assert recipe.generator.options.text_encoder_3, "SD3 recipes keep T5, as the paper's SD3 does"
