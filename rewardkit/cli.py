@@ -36,6 +36,17 @@ def at_least(minimum: int, below: int | None = None):
 SEED = at_least(0, 2**62)
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def above(minimum: float):
     """An argparse type: a finite number > minimum."""
 
@@ -94,6 +105,11 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--ema", action="store_true", help="use the moving average of the weights (runs with optimizer.ema_decay)")
+    p.add_argument("--init-image", metavar="IMG", help="edit this image toward the prompt (img2img): it is noised to --strength, then the remaining steps run")
+    p.add_argument("--strength", type=fraction, metavar="S", help="with --init-image: how much of the sampler runs, 0..1 (0: the image back, 1: plain sampling; default 0.75)")
+    p.add_argument("--controlnet", metavar="MODEL", help="a diffusers ControlNet for the base model (folder, .safetensors or hub id); sd and sdxl generators")
+    p.add_argument("--control-image", metavar="IMG", help="the ControlNet's conditioning image (edges, depth, ...)")
+    p.add_argument("--control-scale", type=above(0), default=1.0, metavar="S", help="the ControlNet residuals' weight (default 1)")
 
     p = sub.add_parser(
         "export", parents=[common], help="export a trained generator to diffusers formats",
@@ -304,13 +320,37 @@ def cmd_sample(args) -> int:
     from pathlib import Path
 
     from rewardkit.durable import writable_dir
+    from rewardkit.errors import UserError
     from rewardkit.plugins import load_registry
-    from rewardkit.images import fixed_noise, generate, save_grid, save_pngs
+    from rewardkit.images import edit, fixed_noise, generate, load_image, save_grid, save_pngs
     from rewardkit.rundir import load_generator
 
+    if args.strength is not None and not args.init_image:
+        raise UserError("--strength needs --init-image IMG, the image to edit")
+    if bool(args.controlnet) != bool(args.control_image):
+        raise UserError("--controlnet MODEL and --control-image IMG go together: the ControlNet and its conditioning image")
+    for flag, path in (("--init-image", args.init_image), ("--control-image", args.control_image)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
     out = writable_dir(Path(args.out), "--out")  # before the model loads
     generator, _, checkpoint = load_generator(args.path, registry=load_registry(args.plugin), ema=args.ema)
-    images = generate(generator, [args.prompt] * args.n, fixed_noise(generator, args.n, args.seed))
+    prompts, noise = [args.prompt] * args.n, fixed_noise(generator, args.n, args.seed)
+    if args.controlnet:
+        from rewardkit.controlnet import Control, load_controlnet
+        from rewardkit.generators.sd import StableDiffusion
+
+        if not isinstance(generator, StableDiffusion):
+            raise UserError(f"--controlnet: the '{generator.name}' generator has no ControlNet support; sd and sdxl generators do")
+        image = load_image(args.control_image, generator.height, generator.width, "--control-image")
+        net = load_controlnet(args.controlnet, generator.denoiser_dtype).to(next(generator.parameters()).device)
+        generator.control = Control(net, image, args.control_scale)
+    if args.init_image:
+        if not hasattr(generator, "edit"):
+            raise UserError(f"--init-image: the '{generator.name}' generator cannot edit images; the diffusion generators can")
+        image = load_image(args.init_image, generator.height, generator.width, "--init-image")
+        images = edit(generator, prompts, image, noise, 0.75 if args.strength is None else args.strength)
+    else:
+        images = generate(generator, prompts, noise)
     paths = save_pngs(images, out)
     save_grid(images, out / "grid.png")
     print(f"wrote {len(paths)} images and grid.png to {out} (from {checkpoint})")

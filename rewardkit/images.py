@@ -16,6 +16,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from rewardkit.durable import atomic_write
+from rewardkit.errors import UserError
 
 
 def fixed_noise(generator, n: int, seed: int, device=None) -> torch.Tensor:
@@ -39,6 +40,33 @@ def generate(generator, prompts: Sequence[str], noise: torch.Tensor, options=Non
     finally:
         generator.train(was_training)
     return torch.cat(chunks)
+
+
+def edit(generator, prompts: Sequence[str], image: torch.Tensor, noise: torch.Tensor, strength: float, batch_size: int = 8) -> torch.Tensor:
+    """`image` (1, 3, H, W) edited toward each prompt from each noise (generator.edit), in batches; on the CPU."""
+    device = next(generator.parameters()).device
+    chunks = [
+        generator.edit(list(prompts[i : i + batch_size]), image.expand(len(noise[i : i + batch_size]), -1, -1, -1),
+                       noise[i : i + batch_size].to(device), strength).float().clamp(0, 1).cpu()
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def load_image(path: str | Path, height: int, width: int, what: str) -> torch.Tensor:
+    """An image file as (1, 3, height, width) in [0, 1], resized (Lanczos, as diffusers' VaeImageProcessor) to the
+    generator's size; UserError naming `what` (the argument) when it cannot be read."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UserError(f"{what} {path}: not a readable image ({exc}); give a PNG or JPEG file") from None
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def optimized_batches(generator, prompts: Sequence[str], batch_size: int = 8, table: torch.Tensor | None = None):

@@ -105,7 +105,7 @@ def test_no_import_circles():
 @pytest.mark.parametrize(
     "module, allowed",
     [
-        ("rewardkit.images", {"rewardkit.durable"}),  # image helpers: torch, torchvision, and atomic writes
+        ("rewardkit.images", {"rewardkit.durable", "rewardkit.errors"}),  # image helpers: torch, torchvision, atomic writes, input errors
         ("rewardkit.sampler", set()),  # the sampler knows nothing of pipelines
         ("rewardkit.errors", set()),
         ("rewardkit.durable", {"rewardkit.errors"}),
