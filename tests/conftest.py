@@ -41,6 +41,35 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def run_python(args: list[str], env: dict, cwd: Path, timeout: float = 600) -> str:
+    """`python ARGS` in a subprocess that must succeed; its stdout."""
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def install_template(template: str, module: str, cls: str, root: Path) -> tuple[Path, dict]:
+    """What docs/writing-a-*-plugin.md tell a third party to do with plugins/<template>: copy it as rewardkit-acme,
+    rename `module` / `cls` to acme / Acme, pip install it (into root/site, put on PYTHONPATH: the environment stays
+    untouched). Returns (the package folder, the environment its subprocesses run in)."""
+    import shutil
+
+    pkg = root / "rewardkit-acme"
+    shutil.copytree(TESTS.parent / "plugins" / template, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    (pkg / f"rewardkit_{module}").rename(pkg / "rewardkit_acme")
+    for path in pkg.rglob("*"):
+        if path.is_file():
+            path.write_text(path.read_text().replace(module, "acme").replace(cls, "Acme"))
+    site = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(pkg)],
+        check=True, capture_output=True, timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), "HF_HUB_OFFLINE": "1"}
+    env.pop("REWARDKIT_LOAD_PLUGINS", None)
+    return pkg, env
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Write a recipe dict as TOML under tmp_path; returns the path."""

@@ -7,44 +7,13 @@ subprocesses), so the test leaves the environment untouched.
 """
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-TEMPLATE = Path(__file__).resolve().parents[1] / "plugins" / "template-reward"
-
-
-def _run(args, env, cwd, timeout=300):
-    proc = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
+from conftest import install_template, run_python as _run
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("template")
-    pkg = root / "rewardkit-acme"
-    shutil.copytree(TEMPLATE, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    # the renaming steps of the guide
-    (pkg / "rewardkit_myreward").rename(pkg / "rewardkit_acme")
-    for path in pkg.rglob("*"):
-        if path.is_file():
-            text = path.read_text()
-            path.write_text(text.replace("myreward", "acme").replace("MyReward", "Acme"))
-    site = root / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(pkg)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), "HF_HUB_OFFLINE": "1"}
-    env.pop("REWARDKIT_LOAD_PLUGINS", None)
-    return pkg, env
+    return install_template("template-reward", "myreward", "MyReward", tmp_path_factory.mktemp("template"))
 
 
 def test_template_package_has_the_entry_point(installed):
