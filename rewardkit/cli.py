@@ -336,14 +336,15 @@ def cmd_sample(args) -> int:
     generator, _, checkpoint = load_generator(args.path, registry=load_registry(args.plugin), ema=args.ema)
     prompts, noise = [args.prompt] * args.n, fixed_noise(generator, args.n, args.seed)
     if args.controlnet:
-        from rewardkit.controlnet import Control, load_controlnet
+        from rewardkit.controlnet import Control, check_matches, load_controlnet
         from rewardkit.generators.sd import StableDiffusion
 
         if not isinstance(generator, StableDiffusion):
             raise UserError(f"--controlnet: the '{generator.name}' generator has no ControlNet support; sd and sdxl generators do")
         image = load_image(args.control_image, generator.height, generator.width, "--control-image")
-        net = load_controlnet(args.controlnet, generator.denoiser_dtype).to(next(generator.parameters()).device)
-        generator.control = Control(net, image, args.control_scale)
+        net = load_controlnet(args.controlnet, generator.denoiser_dtype)
+        check_matches(net, generator.unet)
+        generator.control = Control(net.to(next(generator.parameters()).device), image, args.control_scale)
     if args.init_image:
         if not hasattr(generator, "edit"):
             raise UserError(f"--init-image: the '{generator.name}' generator cannot edit images; the diffusion generators can")

@@ -39,17 +39,40 @@ class Control:
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
+def check_matches(net, unet) -> None:
+    """A ControlNet made for another base model (SD 1.5's on SDXL, or the reverse) would fail mid-sampling on a shape:
+    refuse it up front, naming what differs."""
+    keys = ("cross_attention_dim", "addition_embed_type", "in_channels", "block_out_channels")
+    differ = [f"{k} {net.config.get(k)!r} (the UNet's: {unet.config.get(k)!r})" for k in keys
+              if _plain(net.config.get(k)) != _plain(unet.config.get(k))]
+    if differ:
+        raise UserError(f"--controlnet was made for another base model than this generator's: {'; '.join(differ)}; "
+                        "give a ControlNet trained for the generator's base model")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def load_controlnet(model: str, dtype: torch.dtype = torch.float32):
     """A ControlNetModel from a local diffusers folder, a single .safetensors file or a hub id (cache first)."""
     from diffusers import ControlNetModel
 
     path = Path(model).expanduser()
-    try:
-        if path.suffix == ".safetensors":
-            if not path.is_file():
-                raise UserError(f"--controlnet {model!r}: no such file")
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise UserError(f"--controlnet {model!r}: no such file")
+        try:
             net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
-        elif path.is_dir():
+        except OSError:
+            raise UserError(
+                f"--controlnet {model!r}: a single-file ControlNet needs its architecture's config, which diffusers fetches "
+                "from the hub (not reachable, or HF_HUB_OFFLINE=1); give the ControlNet as a diffusers folder "
+                "(config.json + weights), or load the file once with network access"
+            ) from None
+        return net.requires_grad_(False).eval()
+    try:
+        if path.is_dir():
             if not (path / "config.json").is_file():
                 raise UserError(f"--controlnet {model!r}: the folder has no config.json, so it is not a diffusers ControlNet folder")
             net = ControlNetModel.from_pretrained(str(path), torch_dtype=dtype)

@@ -69,8 +69,7 @@ def test_strength_0_is_the_image_through_the_vae_and_strength_1_is_plain_samplin
         assert (gen.edit(PROMPTS, images, noise, 0.5) - plain).abs().max() > 1e-3  # the image matters in between
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-@pytest.mark.parametrize("strength", [0.5, 0.75])
+@pytest.mark.parametrize("family,strength", [("sd", 0.5), ("sdxl", 0.75)])
 def test_editing_matches_diffusers_img2img(folders, family, strength):
     """The img2img pipeline given the generator's latents of the image (a 4-channel `image` is taken as latents) and
     a seeded generator draws the same noise; its timesteps from int(K * strength) on are the generator's last steps."""
@@ -90,6 +89,35 @@ def test_editing_matches_diffusers_img2img(folders, family, strength):
     ref = pipe(PROMPTS, image=latents, strength=strength, num_inference_steps=4, guidance_scale=2.0,
                generator=torch.Generator().manual_seed(5), output_type="pt").images
     close(ours, ref)
+
+
+@pytest.mark.parametrize("pipeline,family", [("StableDiffusionImg2ImgPipeline", "sd"), ("FluxImg2ImgPipeline", "flux")])
+def test_edit_runs_as_many_steps_as_the_familys_img2img(pipeline, family):
+    """The number of steps an edit runs is the family's img2img's (SD: int(K s); SD3 / FLUX: K - int(K - K s), one
+    more at K = 4, s = 0.6), read from the pipeline's own get_timesteps on its scheduler."""
+    import diffusers
+
+    from rewardkit.generators.flux import Flux
+
+    cls = getattr(diffusers, pipeline)
+    generator = StableDiffusion if family == "sd" else Flux
+    scheduler = diffusers.DDIMScheduler() if family == "sd" else diffusers.FlowMatchEulerDiscreteScheduler()
+    pipe = cls.__new__(cls)
+    pipe.scheduler = scheduler
+    for K in (1, 2, 4, 8):
+        for strength in (0.0, 0.3, 0.5, 0.6, 0.75, 0.99, 1.0):
+            scheduler.set_timesteps(K)
+            _, n = cls.get_timesteps(pipe, K, strength, "cpu")
+            assert generator.edit_steps(K, strength) == n, (K, strength)
+
+
+def test_a_strength_that_runs_no_step_is_refused(folders):
+    from rewardkit.errors import UserError
+
+    gen = build("sd", folders, num_steps=4)
+    images, noise = images_and_noise(gen)
+    with pytest.raises(UserError, match="--strength 0.2 runs no step of this 4-step generator"):
+        gen.edit(PROMPTS, images, noise, 0.2)
 
 
 # --- ControlNet --------------------------------------------------------------------------------------
@@ -174,6 +202,19 @@ def test_sample_edits_and_controls_from_the_command_line(trained, folders, tmp_p
     assert all(len(v) == 2 for v in pngs.values())
     read = {name: torch.tensor(list(Image.open(v[0]).getdata())).float() for name, v in pngs.items()}
     assert (read["edit"] - read["plain"]).abs().max() > 0 and (read["ctrl"] - read["plain"]).abs().max() > 0
+
+
+def test_a_controlnet_for_another_base_model_exits_2_naming_the_difference(trained, folders, tmp_path, capsys):
+    """An SDXL ControlNet on an SD generator would fail mid-sampling on a shape: refused before sampling."""
+    from PIL import Image
+
+    tiny_controlnet(folders["sdxl"]).save_pretrained(tmp_path / "sdxl-controlnet")
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    code = main(["sample", str(trained), "--prompt", "a", "--out", str(tmp_path / "out"),
+                 "--controlnet", str(tmp_path / "sdxl-controlnet"), "--control-image", str(tmp_path / "img.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--controlnet was made for another base model" in err and "addition_embed_type 'text_time'" in err, err
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -60,6 +60,7 @@ def tiny_flux(tmp_path_factory) -> str:
 
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
+SCHEDULES = ["sd", "sd3", "flux"]  # one family per schedule code path: sdxl is sd's schedule; flux adds the dynamic shift
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +130,7 @@ def test_custom_timesteps_are_used(tiny_sd):
 
 
 # --- eta > 0: noise levels follow the schedule ------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SCHEDULES)
 @pytest.mark.parametrize("eta", [0.0, 1.0, "random"])
 def test_intermediate_noise_level_matches_schedule(models, family, eta, monkeypatch):
     """With an oracle network that knows x0, x_t - alpha_t x0 must have std sigma_t at every step."""
@@ -188,9 +189,8 @@ MODES = {
 GRAD_CALLS = {"all": [True] * 3, "last": [False, False, True], "intermediate": [False, True, False, True]}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("training", ["lora", "full"])
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("family,training,mode", [(f, t, m) for f in FAMILIES for t in ("lora", "full") for m in MODES
+                                                   if f in ("sd", "sd3") or m != "intermediate"])  # (R0+ per family: below)
 def test_gradients_reach_trainable_weights(models, family, training, mode):
     cls, model = models[family]
     gen = build(cls, model, training=training, lora_rank=4, gradient_checkpointing=(mode == "all"), eta=0.5)

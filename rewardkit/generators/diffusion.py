@@ -83,7 +83,8 @@ class DiffusionOptions(PluginOptions):
     prompt_cache: NonNegativeInt = 512
     """Text-encoder outputs kept per prompt (least recently used dropped; 0: encode every time). The encoders
     are frozen, so a cached embedding is the one encoding would give; entries live in CPU memory, in the
-    denoiser's dtype: SD 1.5 0.24 MB each in float32, SD3 with T5 5.5 MB (512 entries: 0.12 / 2.8 GB per process).
+    denoiser's dtype: SD 1.5 0.24 MB each in float32, SD3 with T5 5.5 MB, FLUX.1 (512 T5 tokens) 8.4 MB (512 entries:
+    0.12 / 2.8 / 4.3 GB per process).
     Not under FSDP, where sharded encoders must run on every process alike (text_encoders = 'free' works there)."""
     text_encoders: Literal["keep", "free"] = "keep"
     """'free': encode every prompt the run uses (training, sample and eval prompts, the negative prompt) at
@@ -102,6 +103,7 @@ class DiffusionGenerator(Generator):
 
     Options = DiffusionOptions
     supports_deep_supervision = True
+    fsdp_blocks: tuple[str, ...] = FSDP_BLOCKS  # the repeated blocks FSDP shards as units; a family adds its own
     pipeline_class: str = ""
     supported_pipelines: tuple[str, ...] = ()
     denoiser_name: str = ""
@@ -159,7 +161,7 @@ class DiffusionGenerator(Generator):
         self.denoiser_dtype, self.vae_dtype = self.denoiser.dtype, self.vae.dtype
 
         # FSDP's shard groups (accelerate's transformer-based wrap reads this): the repeated blocks present
-        self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(FSDP_BLOCKS))
+        self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(self.fsdp_blocks))
 
         factor = pipe.vae_scale_factor * self._patch_size()
         native = self._native_size()
@@ -292,14 +294,20 @@ class DiffusionGenerator(Generator):
 
     def edit(self, prompts: Sequence[str], images: torch.Tensor, noise: torch.Tensor, strength: float) -> torch.Tensor:
         """Edit images (B, 3, H, W) in [0, 1] toward the prompts, as diffusers' img2img pipelines do (SDEdit): their
-        latents noised to the level of step K - n, then the last n = int(K * strength) steps of the sampler, at the
-        generator's inference eta. Strength 0 returns the images through the VAE; strength 1 starts from the noise
+        latents (the VAE posterior's mean; diffusers draws a sample of it) noised to the level of step K - n, then the
+        last n = edit_steps(K, strength) steps of the sampler, at the generator's inference eta. Strength 0 returns the images through the VAE; strength 1 starts from the noise
         alone, i.e. plain sampling (diffusers' img2img keeps alpha_t x0 in it, 0.07 x0 at SD's t = 999; its
         inpainting pipelines start from the noise, as here). No gradient."""
         if not 0 <= strength <= 1:
             raise UserError(f"--strength must be in [0, 1], got {strength}")
+        if self.options.training == "noise":
+            raise UserError("--init-image: this run optimized input noise (training = 'noise') and left the model as it was; "
+                            "edit with the base model itself, or with a run that trained weights")
         K = self.options.num_steps
-        n = min(int(K * strength), K)
+        n = self.edit_steps(K, strength)
+        if n == 0 and strength > 0:
+            raise UserError(f"--strength {strength} runs no step of this {K}-step generator (each step is 1/{K} of the strength); "
+                            f"give at least {1 / K:.3g}, or 0 for the image through the VAE")
         with torch.no_grad():
             x0 = self.encode(images.to(noise.device))
             if n == 0:
@@ -307,6 +315,11 @@ class DiffusionGenerator(Generator):
             schedule = {k: v[K - n :] for k, v in self.schedule(K, noise.device).items()}
             start = noise if n == K else schedule["alpha"][0] * x0 + schedule["sigma"][0] * noise
             return self.decode(self._sample(prompts, start, schedule, self.sample_options()))
+
+    @staticmethod
+    def edit_steps(steps: int, strength: float) -> int:
+        """How many of the K steps an edit at `strength` runs: int(K * strength), as diffusers' SD / SDXL img2img."""
+        return int(steps * strength)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images in [0, 1], as diffusers' pipelines decode them (with gradient)."""
@@ -365,7 +378,7 @@ class DiffusionGenerator(Generator):
                 setattr(self.pipe, name, None)
                 del self._modules[name]
         self._encoders_freed = True
-        self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(FSDP_BLOCKS))  # FSDP wraps what is left
+        self._no_split_modules = sorted({type(m).__name__ for m in self.modules()} & set(self.fsdp_blocks))  # FSDP wraps what is left
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("encoded %d prompts and freed the text encoders (generator.text_encoders = 'free')", len(wanted))

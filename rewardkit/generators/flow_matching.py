@@ -41,7 +41,7 @@ class FlowMatchingGenerator(DiffusionGenerator):
     (used where a scheduler config leaves them out)."""
 
     Options = FlowMatchingOptions
-    # the family pipeline's defaults for scheduler configs that leave them out
+    # the family pipeline's defaults for scheduler configs that leave them out (StableDiffusion3Pipeline's)
     shift_defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.16}
 
     def _check_pipeline(self, pipe) -> None:
@@ -109,6 +109,11 @@ class FlowMatchingGenerator(DiffusionGenerator):
             c = {k: scheduler.config.get(k, v) for k, v in self.shift_defaults.items()}
             kwargs["mu"] = calculate_shift(self.image_tokens(), c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
         return scheduler, kwargs
+
+    @staticmethod
+    def edit_steps(steps: int, strength: float) -> int:
+        """K - int(K - K * strength), as diffusers' SD3 / FLUX img2img count them (K = 4, strength 0.6: 3 steps)."""
+        return steps - int(steps - steps * strength)
 
     def _x0_eps(self, x, v, alpha, sigma):
         return x - sigma * v, x + alpha * v  # alpha = 1 - t, sigma = t

@@ -20,15 +20,15 @@ scheduler shifts dynamically with the number of image tokens (its pipeline's
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat
 
 from rewardkit.errors import UserError
 from rewardkit.generators.flow_matching import FlowMatchingGenerator, FlowMatchingOptions
 
 
 class FluxOptions(FlowMatchingOptions):
-    max_sequence_length: PositiveInt = 512
-    """T5 prompt length in tokens (FluxPipeline's default; [schnell] was trained with 256)."""
+    max_sequence_length: int = Field(default=512, ge=1, le=512)
+    """T5 prompt length in tokens (FluxPipeline's default and its maximum; [schnell] was trained with 256)."""
     guidance: PositiveFloat | None = None
     """The embedded guidance of guidance-distilled models (FLUX.1 [dev]): default 3.5, as FluxPipeline's
     guidance_scale. Models without guidance embedding ([schnell]) refuse it."""

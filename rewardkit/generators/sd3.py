@@ -12,7 +12,7 @@ is not loaded and its embeddings are zeros, as diffusers allows.
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
+from pydantic import Field
 
 from rewardkit.generators.flow_matching import FlowMatchingGenerator, FlowMatchingOptions
 
@@ -20,8 +20,8 @@ from rewardkit.generators.flow_matching import FlowMatchingGenerator, FlowMatchi
 class SD3Options(FlowMatchingOptions):
     text_encoder_3: bool = True
     """Load the T5 encoder; false drops it to save memory (its embeddings become zeros)."""
-    max_sequence_length: PositiveInt = 256
-    """T5 prompt length in tokens."""
+    max_sequence_length: int = Field(default=256, ge=1, le=512)
+    """T5 prompt length in tokens (the pipeline refuses more than 512)."""
 
 
 class StableDiffusion3(FlowMatchingGenerator):
@@ -30,7 +30,6 @@ class StableDiffusion3(FlowMatchingGenerator):
     pipeline_class = "StableDiffusion3Pipeline"
     supported_pipelines = ("StableDiffusion3Pipeline",)
     denoiser_name = "transformer"
-    shift_defaults = FlowMatchingGenerator.shift_defaults | {"max_shift": 1.16}  # StableDiffusion3Pipeline's
 
     def _load_kwargs(self) -> dict:
         return {} if self.options.text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}

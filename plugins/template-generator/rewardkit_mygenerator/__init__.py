@@ -47,6 +47,7 @@ class MyGenerator(PackedLatents, FlowMatchingGenerator):  # packed 2x2 latent to
     supported_pipelines = ("ChromaPipeline",)
     denoiser_name = "transformer"  # the pipeline component that is trained
     shift_defaults = FlowMatchingGenerator.shift_defaults | {"max_shift": 1.15}  # ChromaPipeline's, where a config has none
+    fsdp_blocks = FlowMatchingGenerator.fsdp_blocks + ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")  # FSDP's shard units
 
     def pipeline_call(self) -> dict:
         # ChromaPipeline guides whenever guidance_scale > 1, with negative_prompt (default "")
@@ -60,7 +61,7 @@ class MyGenerator(PackedLatents, FlowMatchingGenerator):  # packed 2x2 latent to
         )
         if negative:  # [negative; prompts], the order the sampler's guidance expects
             embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
-        return embeds.to(self.denoiser_dtype), mask
+        return embeds.to(self.denoiser_dtype), mask.to(self.denoiser_dtype)  # a float mask: in the attention's dtype too
 
     def _network(self, x, timesteps, cond, base: bool = False):
         embeds, mask = cond

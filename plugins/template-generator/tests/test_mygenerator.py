@@ -79,9 +79,9 @@ def test_matches_the_familys_pipeline(model, guidance):
     assert ours.std() > 0.01  # not a constant image that would match anything
 
 
-@pytest.mark.parametrize("training", ["lora", "full"])
-def test_gradients_reach_the_trained_weights(model, training):
-    gen = build(model, training=training, lora_rank=4, num_steps=2, eta=0.5)
+@pytest.mark.parametrize("training,dtype", [("lora", "float32"), ("full", "bfloat16")])  # bf16 frozen parts, a float32 transformer
+def test_gradients_reach_the_trained_weights(model, training, dtype):
+    gen = build(model, training=training, lora_rank=4, num_steps=2, eta=0.5, weights_dtype=dtype)
     with torch.no_grad():  # LoRA B starts at 0, which hides A's gradient: move off it
         for n, p in gen.named_parameters():
             if "lora_B" in n:
