@@ -364,15 +364,13 @@ def build_rewards(names: Sequence[str], registry, metric_options: Sequence[str])
 def _default_steps(spec: GeneratorSpec, registry) -> int | None:
     from rewardkit.recipe import load_recipe
 
-    path = Path(spec.text)
-    if not path.exists():
+    if spec.checkpoint is None:
         for pair in spec.text.split(",")[1:]:
             key, _, value = pair.partition("=")
             if key.strip() == "num_steps":
                 return int(value)
         return None
-    run_dir = path if (path / "recipe.toml").is_file() else path.parent.parent
-    recipe = load_recipe(run_dir / "recipe.toml", registry=registry)
+    recipe = load_recipe(spec.checkpoint[0] / "recipe.toml", registry=registry)
     return getattr(recipe.generator.options, "num_steps", None)
 
 
