@@ -4,7 +4,7 @@
     python bench/full_size.py --rows sd3:1024 --precision bf16  # SD3-Medium at 1024 px (a GPU: bench/gpu_check.sh)
     python bench/full_size.py --encoders                        # text encoders: forward time per prompt
 
-SD 1.5, SDXL, SD3-Medium, SD3.5 Medium / Large and FLUX.1-dev (denoiser,
+SD 1.5, SDXL, SD3-Medium, SD3.5 Medium / Large, FLUX.1-dev and Z-Image-Turbo (denoiser,
 VAE, text encoders: `FAMILIES`) are built from the configs in bench/configs/
 (copied from the published model folders), with random weights: nothing is
 downloaded. So
@@ -77,7 +77,8 @@ def default_dtype(dtype):
 # Each family: its name in tables, its recipe, its generator, its pipeline, and where each component's published config
 # is in bench/configs (copied from the published model folders; components the families share are stored once:
 # CLIP-L, CLIP-G, T5-XXL and the 16-channel VAE with SD3 Medium's, SD 1.5's VAE and scheduler also serve SDXL).
-# "clip" builds CLIPTextModel, "clip+proj" CLIPTextModelWithProjection, "t5" T5EncoderModel; "t5:N" pads T5 to N tokens.
+# "clip" builds CLIPTextModel, "clip+proj" CLIPTextModelWithProjection, "t5:N" T5EncoderModel padding to N tokens,
+# "qwen3:N" Qwen3Model padding to N tokens.
 SD3_TEXT = {"text_encoder": ("sd3_medium/text_encoder", "clip+proj"), "text_encoder_2": ("sd3_medium/text_encoder_2", "clip+proj"),
             "text_encoder_3": ("sd3_medium/text_encoder_3", "t5:256")}
 FAMILIES = {
@@ -102,6 +103,9 @@ FAMILIES = {
              "parts": {"transformer": ("flux_dev/transformer", None), "vae": ("sd3_medium/vae", None),
                        "text_encoder": ("sd3_medium/text_encoder", "clip"), "text_encoder_2": ("sd3_medium/text_encoder_3", "t5:512"),
                        "scheduler": ("flux_dev/scheduler", None)}},
+    "zimage": {"name": "Z-Image-Turbo", "recipe": "r0_zimage", "pipeline": "ZImagePipeline",
+               "parts": {"transformer": ("z_image_turbo/transformer", None), "vae": ("sd3_medium/vae", None),
+                         "text_encoder": ("z_image_turbo/text_encoder", "qwen3:512"), "scheduler": ("z_image_turbo/scheduler", None)}},
 }
 
 
@@ -137,9 +141,9 @@ def build_pipeline(family: str, dtype: torch.dtype, t5_blocks: int | None = None
     lengths (77 CLIP tokens, 256 T5 tokens for SD3, 512 for FLUX), so every network does the work it does with the
     real ones. `t5_blocks`: build T5-XXL with fewer blocks (same output shape)."""
     import diffusers
-    from transformers import T5Config, T5EncoderModel
+    from transformers import Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
-    from rewardkit.testbed.models import clip_tokenizer
+    from rewardkit.testbed.models import clip_tokenizer, qwen_tokenizer
 
     spec = FAMILIES[family]
     clip_tok = clip_tokenizer(max_length=77)
@@ -151,6 +155,9 @@ def build_pipeline(family: str, dtype: torch.dtype, t5_blocks: int | None = None
             elif kind.startswith("clip"):
                 parts[name] = _clip_text(path, clip_tok, projection=kind == "clip+proj")
                 parts[name.replace("text_encoder", "tokenizer")] = clip_tok
+            elif kind.startswith("qwen3"):
+                parts[name] = Qwen3Model(Qwen3Config(**_config(path)))
+                parts[name.replace("text_encoder", "tokenizer")] = qwen_tokenizer(max_length=int(kind.split(":")[1]))
             else:
                 t5 = _config(path) | ({"num_layers": t5_blocks} if t5_blocks is not None else {})
                 parts[name] = T5EncoderModel(T5Config(**t5))
@@ -423,7 +430,7 @@ def main(argv=None) -> int:
         r = child(row)
         results.append({**row, **r})
         plan = r["plan"]
-        name = FAMILIES[family]["name"] + (f" (T5: {args.t5_blocks} blocks)" if args.t5_blocks is not None and family not in ("sd15", "sdxl") else "")
+        name = FAMILIES[family]["name"] + (f" (T5: {args.t5_blocks} blocks)" if args.t5_blocks is not None and family not in ("sd15", "sdxl", "zimage") else "")
         cells = (f"{r['peak_gb']:.1f} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['rewards_s']:.1f} | {r['backward_s']:.1f} | {r['optimizer_s']:.2f}"
                  if r["status"] == "ok" else "- | - | - | - | - | -")
         status = r["status"] + (f" ({r['skipped']} of {r['steps']} steps skipped: non-finite)" if r.get("skipped") else "")

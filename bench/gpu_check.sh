@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 {
   "$py" bench/full_size.py --rows sd15:512 --training lora,full --checkpointing on,off --precision bf16 --batch 1 --steps 3 --json "$out/sd15_512.json"
   "$py" bench/full_size.py --rows sd3:1024 --training lora,full --checkpointing on --precision bf16 --batch 1 --steps 2 --json "$out/sd3_1024.json"
-  "$py" bench/full_size.py --rows sdxl:1024,sd35:1024,flux:1024 --training lora --checkpointing on --precision bf16 --batch 1 --steps 2 --json "$out/families_1024.json"
+  "$py" bench/full_size.py --rows sdxl:1024,sd35:1024,flux:1024,zimage:1024 --training lora --checkpointing on --precision bf16 --batch 1 --steps 2 --json "$out/families_1024.json"
 } | tee "$out/full_size.md"
 "$py" bench/full_size.py --encoders --precision bf16 --steps 5 | tee "$out/encoders.md"
 "$py" bench/rewards.py --full --device cuda --size 512 --dtype bfloat16 | tee "$out/rewards.md"

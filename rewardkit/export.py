@@ -5,7 +5,7 @@
 
 The generator is rebuilt exactly as `rewardkit sample` rebuilds it (recipe +
 newest checkpoint), then written out by `export_generator`: diffusion
-generators (sd, sd3) export to diffusers formats. Next to the weights,
+generators (sd, sdxl, sd3, flux, zimage) export to diffusers formats. Next to the weights,
 `rewardkit_export.json` records the sampling settings (steps, timesteps,
 eta, guidance, size) that reproduce the generator's images with plain
 diffusers; a LoRA export also carries the matching scheduler in
@@ -35,7 +35,7 @@ def export(path: str | Path, format: str, out: str | Path, registry, ema: bool =
     writable_dir(out, "--out")  # before the model loads
     generator, _, checkpoint = load_generator(path, registry=registry, ema=ema)
     if not isinstance(generator, DiffusionGenerator):
-        raise UserError(f"generator '{generator.name}' cannot be exported: only diffusion generators (sd, sd3) write diffusers formats")
+        raise UserError(f"generator '{generator.name}' cannot be exported: only the diffusion generators (sd, sdxl, sd3, flux, zimage) write diffusers formats")
     export_generator(generator, out, format)
     return out
 

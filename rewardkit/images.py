@@ -25,31 +25,28 @@ def fixed_noise(generator, n: int, seed: int, device=None) -> torch.Tensor:
     return torch.randn((n, *generator.noise_shape()), generator=rng).to(device or "cpu")
 
 
-@torch.no_grad()
 def generate(generator, prompts: Sequence[str], noise: torch.Tensor, options=None, batch_size: int = 8) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] on the CPU, generated in batches."""
     options = options or generator.sample_options()
-    device = next(generator.parameters(), torch.empty(0)).device
-    was_training = generator.training
-    generator.eval()
-    try:
-        chunks = [
-            generator(list(prompts[i : i + batch_size]), noise[i : i + batch_size].to(device), options).float().clamp(0, 1).cpu()
-            for i in range(0, len(prompts), batch_size)
-        ]
-    finally:
-        generator.train(was_training)
-    return torch.cat(chunks)
+    return _in_batches(generator, prompts, noise, batch_size, lambda p, z: generator(p, z, options))
 
 
 def edit(generator, prompts: Sequence[str], image: torch.Tensor, noise: torch.Tensor, strength: float, batch_size: int = 8) -> torch.Tensor:
     """`image` (1, 3, H, W) edited toward each prompt from each noise (generator.edit), in batches; on the CPU."""
-    device = next(generator.parameters()).device
-    chunks = [
-        generator.edit(list(prompts[i : i + batch_size]), image.expand(len(noise[i : i + batch_size]), -1, -1, -1),
-                       noise[i : i + batch_size].to(device), strength).float().clamp(0, 1).cpu()
-        for i in range(0, len(prompts), batch_size)
-    ]
+    return _in_batches(generator, prompts, noise, batch_size, lambda p, z: generator.edit(p, image.expand(len(z), -1, -1, -1), z, strength))
+
+
+@torch.no_grad()
+def _in_batches(generator, prompts: Sequence[str], noise: torch.Tensor, batch_size: int, call) -> torch.Tensor:
+    """call(prompts, noise) per batch, in eval mode, on the generator's device; the images in [0, 1] on the CPU."""
+    device = next(generator.parameters(), torch.empty(0)).device
+    was_training = generator.training
+    generator.eval()
+    try:
+        chunks = [call(list(prompts[i : i + batch_size]), noise[i : i + batch_size].to(device)).float().clamp(0, 1).cpu()
+                  for i in range(0, len(prompts), batch_size)]
+    finally:
+        generator.train(was_training)
     return torch.cat(chunks)
 
 

@@ -22,6 +22,7 @@ from tiny_models import save_tiny  # noqa: E402
 
 from rewardkit.errors import RecipeError  # noqa: E402
 from rewardkit.generators.flux import Flux  # noqa: E402
+from rewardkit.generators.zimage import ZImage  # noqa: E402
 from rewardkit.generators.sd import StableDiffusion  # noqa: E402
 from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
 from rewardkit.generators.sdxl import StableDiffusionXL  # noqa: E402
@@ -35,7 +36,7 @@ LEVELS = [0.3, 0.7]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {family: str(save_tiny(family, root / family)) for family in ("sd", "sdxl", "sd3", "flux")}
+    return {family: str(save_tiny(family, root / family)) for family in ("sd", "sdxl", "sd3", "flux", "zimage")}
 
 
 def perturb(gen, training):
@@ -52,7 +53,7 @@ def independent_gradient(family, model, images):
     denoiser's -(eps(c) - eps(negative)) / sigma, times alpha, pulled back through the encoder."""
     import hashlib
 
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ZImagePipeline
 
     # the reward's documented draws: per image, a generator seeded by the 8-byte blake2b of its float32 values; u, then eps
     rngs = [torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(im.numpy().tobytes(), digest_size=8).digest(), "little") & (2**63 - 1))
@@ -114,6 +115,24 @@ def independent_gradient(family, model, images):
         with torch.no_grad():
             v_c, v_u = velocity(PROMPTS), velocity(neg)
         eps_c, eps_u = zt + (1 - s) * v_c, zt + (1 - s) * v_u
+    elif family == "zimage":
+        pipe = ZImagePipeline.from_pretrained(model)
+        cfg = pipe.vae.config
+        z0 = (pipe.vae.encode(2 * x - 1).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
+        shift = pipe.scheduler.config.shift
+        s = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
+        alpha, sigma = 1 - s, s
+        zt = alpha * z0.detach() + sigma * noise
+        embeds, neg_embeds = pipe.encode_prompt(list(PROMPTS), device="cpu", negative_prompt=list(neg), max_sequence_length=48)
+        frames = list(zt.unsqueeze(2).unbind(0))  # the transformer takes (C, 1, H, W) latents and the progress 1 - t
+
+        def velocity(captions):  # minus what the transformer predicts
+            return -torch.stack(pipe.transformer(frames, 1 - s.flatten(), captions).sample).squeeze(2)
+
+        with torch.no_grad():
+            v_c, v_u = velocity(embeds), velocity(neg_embeds)
+        eps_c, eps_u = zt + (1 - s) * v_c, zt + (1 - s) * v_u
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model)
         cfg = pipe.vae.config
@@ -134,12 +153,13 @@ def independent_gradient(family, model, images):
     return g
 
 
-CLASSES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3, "flux": Flux}
-SIZES = {"flux": {"height": 16, "width": 16, "max_sequence_length": 16}}  # the tiny FLUX's (its pipeline's: 1024 px, 512)
+CLASSES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3, "flux": Flux, "zimage": ZImage}
+# the tiny FLUX's and Z-Image's (their pipelines': 1024 px, 512 tokens)
+SIZES = {"flux": {"height": 16, "width": 16, "max_sequence_length": 16}, "zimage": {"height": 16, "width": 16, "max_sequence_length": 48}}
 
 
 @pytest.mark.parametrize("family,training", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"), ("sd3", "full"),
-                                             ("flux", "lora")])
+                                             ("flux", "lora"), ("zimage", "lora")])
 def test_the_direction_is_the_base_models_guidance_and_no_copy_is_made(tiny, family, training):
     gen = CLASSES[family](model=tiny[family], training=training, lora_rank=4, negative_prompt="blurry", **SIZES.get(family, {}))
     gen.setup(PROMPTS, 0)

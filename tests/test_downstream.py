@@ -91,16 +91,18 @@ def test_editing_matches_diffusers_img2img(folders, family, strength):
     close(ours, ref)
 
 
-@pytest.mark.parametrize("pipeline,family", [("StableDiffusionImg2ImgPipeline", "sd"), ("FluxImg2ImgPipeline", "flux")])
+@pytest.mark.parametrize("pipeline,family", [("StableDiffusionImg2ImgPipeline", "sd"), ("FluxImg2ImgPipeline", "flux"),
+                                             ("ZImageImg2ImgPipeline", "zimage")])
 def test_edit_runs_as_many_steps_as_the_familys_img2img(pipeline, family):
-    """The number of steps an edit runs is the family's img2img's (SD: int(K s); SD3 / FLUX: K - int(K - K s), one
-    more at K = 4, s = 0.6), read from the pipeline's own get_timesteps on its scheduler."""
+    """The number of steps an edit runs is the family's img2img's (SD: int(K s); SD3 / FLUX / Z-Image: K - int(K - K s),
+    one more at K = 4, s = 0.6), read from the pipeline's own get_timesteps on its scheduler."""
     import diffusers
 
     from rewardkit.generators.flux import Flux
+    from rewardkit.generators.zimage import ZImage
 
     cls = getattr(diffusers, pipeline)
-    generator = StableDiffusion if family == "sd" else Flux
+    generator = {"sd": StableDiffusion, "flux": Flux, "zimage": ZImage}[family]
     scheduler = diffusers.DDIMScheduler() if family == "sd" else diffusers.FlowMatchEulerDiscreteScheduler()
     pipe = cls.__new__(cls)
     pipe.scheduler = scheduler

@@ -29,7 +29,7 @@ PROMPTS = ["a red cat", "a photo of a dog"]
 @pytest.fixture(scope="module")
 def base_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
-    return {family: str(save_tiny(family, root / family)) for family in ("sd", "sdxl", "sd3", "flux")}
+    return {family: str(save_tiny(family, root / family)) for family in ("sd", "sdxl", "sd3", "flux", "zimage")}
 
 
 def train(family, model, run_dir, **generator):
@@ -68,14 +68,15 @@ def diffusers_images(pipe, settings, noise):
             call[key] = tuple(call[key])
     if "negative_prompt" in call:
         call["negative_prompt"] = [call["negative_prompt"]] * len(PROMPTS)
-    return pipe(PROMPTS, latents=latents, output_type="pt", **call).images
+    return pipe(list(PROMPTS), latents=latents, output_type="pt", **call).images  # a copy: ZImagePipeline rewrites the list
 
 
-# the tiny FLUX at 16 px and 16 T5 tokens (its pipeline's defaults are 1024 px and 512)
-SIZES = {"sd": {}, "sdxl": {}, "sd3": {}, "flux": {"height": 16, "width": 16, "max_sequence_length": 16}}
+# the tiny FLUX at 16 px and 16 T5 tokens, the tiny Z-Image at 16 px and 48 tokens (their pipelines' defaults: 1024 px, 512)
+SIZES = {"sd": {}, "sdxl": {}, "sd3": {}, "flux": {"height": 16, "width": 16, "max_sequence_length": 16},
+         "zimage": {"height": 16, "width": 16, "max_sequence_length": 48}}
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "zimage"])
 def test_lora_export_reproduces_generator(base_models, family, tmp_path):
     import diffusers
 

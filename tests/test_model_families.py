@@ -1,9 +1,10 @@
-"""The model families beyond SD 1.x and SD3: SDXL, SD3.5 and FLUX.1, against their own diffusers pipelines.
+"""The model families beyond SD 1.x and SD3: SDXL, SD3.5, FLUX.1 and Z-Image, against their own diffusers pipelines.
 
 At eta = 0 each generator's images are its family pipeline's, called as a
 user would call it (tiny random models built from configs, offline); the
 family's own conditioning (SDXL's micro-conditioning and zero unconditional
-prompt, FLUX's embedded guidance and packed latents) reaches the network; the
+prompt, FLUX's embedded guidance and packed latents, Z-Image's prompts of
+their own lengths and its guidance options) reaches the network; the
 published architectures, built from bench/configs on the meta device, have
 the published parameter counts. What every family shares (gradients in each
 training mode, R0+, the prompt cache, a short run raising a reward) is in
@@ -30,6 +31,7 @@ from rewardkit.errors import UserError  # noqa: E402
 from rewardkit.generators.flux import Flux, pack  # noqa: E402
 from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
 from rewardkit.generators.sdxl import StableDiffusionXL  # noqa: E402
+from rewardkit.generators.zimage import ZImage  # noqa: E402
 
 PROMPTS = ["a red cat", "a photo of a dog"]
 CONFIGS = Path(__file__).parent.parent / "bench" / "configs"
@@ -43,6 +45,7 @@ def folders(tmp_path_factory):
         "sdxl_v": save_tiny("sdxl", root / "sdxl_v", prediction_type="v_prediction"),
         "flux_dev": save_tiny("flux", root / "flux_dev"),
         "flux_schnell": save_tiny("flux", root / "flux_schnell", guidance_embeds=False),
+        "zimage": save_tiny("zimage", root / "zimage"),
     }
     tiny_sd3_pipeline(sd35=True).save_pretrained(root / "sd35")
     out["sd35"] = root / "sd35"
@@ -183,6 +186,38 @@ def test_flux_dev_shift_grows_with_the_image(folders):
     torch.testing.assert_close(schnell.noise_levels(u)["sigma"], u)  # shift 1: the level itself
 
 
+@pytest.mark.parametrize("guidance,normalization,truncation,size", [(1.0, 0.0, 1.0, (16, 16)), (3.0, 0.0, 1.0, (16, 32)),
+                                                                  (3.0, 1.0, 1.0, (16, 16)), (3.0, 0.0, 0.3, (32, 16))])
+def test_zimage_matches_its_pipeline(folders, guidance, normalization, truncation, size):
+    """Z-Image against ZImagePipeline called with the recorded pipeline_call: prompts of different lengths (each reaches
+    the transformer with its own tokens only), guidance in the pipeline's form (its guidance_scale is rewardkit's - 1),
+    with the renormalization (it clips the first steps here) and the truncation (the last step of three goes unguided)."""
+    from diffusers import ZImagePipeline
+
+    height, width = size
+    gen = build(ZImage, folders["zimage"], height=height, width=width, num_steps=3, guidance_scale=guidance, max_sequence_length=48,
+                cfg_normalization=normalization, cfg_truncation=truncation)
+    noise = noise_for(gen)
+    with torch.no_grad():
+        ours = gen(PROMPTS, noise, gen.sample_options())
+    call = gen.pipeline_call()
+    assert call["guidance_scale"] == guidance - 1 and call["sigmas"] == [1.0, 2 / 3, 1 / 3]
+    if "negative_prompt" in call:
+        call["negative_prompt"] = [call["negative_prompt"]] * len(PROMPTS)  # the pipeline wants one per prompt
+    pipe = ZImagePipeline.from_pretrained(folders["zimage"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(list(PROMPTS), latents=noise, output_type="pt", **call).images  # (a copy: the pipeline rewrites its prompt list)
+    close(ours, ref)
+    assert ours.std() > 0.01 and ours.shape[-2:] == size
+    lengths = gen._conditioning(PROMPTS, "cpu")[1][-2:]  # (after the negative prompts, if guided)
+    assert 0 < lengths[0] < lengths[1] < 48  # the two prompts' own token counts (with the chat template)
+
+
+def test_zimage_refuses_a_guidance_its_pipeline_cannot_express(folders):
+    with pytest.raises(UserError, match="ZImagePipeline guides only with its guidance_scale > 0"):
+        build(ZImage, folders["zimage"], height=16, width=16, guidance_scale=0.5)
+
+
 # --- the published architectures ---------------------------------------------------------------
 # Parameter counts of the published denoisers: SDXL base 1.0's UNet and FLUX.1's transformer (12B; [schnell] lacks
 # [dev]'s guidance embedder, 256 -> 3072 -> 3072: 10,229,760 weights), as diffusers counts them. SD3.5 against
@@ -208,6 +243,21 @@ def test_published_parameter_counts(folder, name):
     assert _meta_count(folder, name)[0] == PUBLISHED[folder]
 
 
+def test_zimage_turbo_counts_match_the_published_sizes():
+    """Z-Image's transformer: "6B" (6,154,908,736 here), 30 main blocks; its text encoder Qwen3-4B: "4.0B", of which
+    "3.6B" are not the embedding (Qwen3-4B's model card). Published to 0.1 B only, so compared at that precision."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    params, _ = _meta_count("z_image_turbo", "transformer")
+    assert round(params / 1e9) == 6
+    config = {k: v for k, v in json.loads((CONFIGS / "z_image_turbo" / "text_encoder.json").read_text()).items()
+              if not k.startswith("_") and k != "architectures"}
+    with torch.device("meta"):
+        qwen = Qwen3Model(Qwen3Config(**config))
+    total = sum(p.numel() for p in qwen.parameters())
+    assert (round(total / 1e9, 1), round((total - qwen.embed_tokens.weight.numel()) / 1e9, 1)) == (4.0, 3.6)
+
+
 @pytest.mark.parametrize("folder", ["sd35_medium", "sd35_large"])
 def test_sd35_parameter_counts_match_the_published_presets(folder):
     params, pos = _meta_count(folder, "transformer")
@@ -216,7 +266,7 @@ def test_sd35_parameter_counts_match_the_published_presets(folder):
 
 
 # --- errors --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [StableDiffusionXL, StableDiffusion3, Flux])
+@pytest.mark.parametrize("cls", [StableDiffusionXL, StableDiffusion3, Flux, ZImage])
 def test_missing_model_names_it(cls, monkeypatch):
     import huggingface_hub.constants
 
@@ -233,3 +283,5 @@ def test_a_model_given_to_the_wrong_family_names_the_right_type(folders):
         build(StableDiffusion, folders["sdxl"])
     with pytest.raises(UserError, match="FluxPipeline: type = 'flux'"):
         build(StableDiffusion3, folders["flux_dev"])
+    with pytest.raises(UserError, match="is a ZImagePipeline pipeline.*ZImagePipeline: type = 'zimage'"):
+        build(Flux, folders["zimage"])

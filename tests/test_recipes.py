@@ -27,6 +27,7 @@ METHODS = {
     "r0_sdxl": "sdxl",
     "r0_sd35": "sd35",
     "r0_flux": "flux",
+    "r0_zimage": "zimage",
     "r0plus_hires_sd3": "sd3",
     "draft_k_sd15": "sd",
     "reno_sd_turbo": "sd",
@@ -57,7 +58,7 @@ def test_recipe_validates(path):
     assert recipe.run.steps > 0 and recipe.prompts
 
 
-@pytest.mark.parametrize("name", ["r0_sd15", "r0plus_sd15", "r0_sd3", "r0plus_hires_sd3", "r0_sdxl", "r0_sd35", "r0_flux"])
+@pytest.mark.parametrize("name", ["r0_sd15", "r0plus_sd15", "r0_sd3", "r0plus_hires_sd3", "r0_sdxl", "r0_sd35", "r0_flux", "r0_zimage"])
 def test_method_recipes_are_r0(name):
     recipe = _load(REPO / "recipes" / f"{name}.toml")
     hires = {"high_resolution"} if name.endswith("hires_sd3") else set()
@@ -80,7 +81,7 @@ def tiny_folders(tmp_path_factory):
     from tiny_models import save_tiny
 
     root = tmp_path_factory.mktemp("tiny")
-    folders = {family: save_tiny(family, root / family) for family in ("sd", "sdxl", "sd3", "flux")}
+    folders = {family: save_tiny(family, root / family) for family in ("sd", "sdxl", "sd3", "flux", "zimage")}
     return folders | {"sd35": save_tiny("sd3", root / "sd35", sd35=True)}
 
 
@@ -102,8 +103,8 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, reques
     overrides += [f"eval.rewards.{s.label}.type='{CHEAP[s.cls.name]}'" for s in base.evaluation.rewards if s.cls.name in CHEAP]
     if any(s.cls.name == "high_resolution" for s in base.rewards):
         overrides.append(f"rewards.high_resolution.weights='{request.getfixturevalue('hires_classifier')[0]}'")
-    if kind == "flux":
-        overrides.append("generator.max_sequence_length=16")  # the tiny T5's length (FLUX.1's: 512)
+    if kind in ("flux", "zimage"):
+        overrides.append("generator.max_sequence_length=16")  # the tiny text encoders' lengths (FLUX.1's and Z-Image's: 512)
     if base.generator.options.num_steps > 4:
         overrides.append("generator.num_steps=5")
     recipe = _load(path, overrides)

@@ -1,8 +1,8 @@
-"""Tiny random-weight SD 1.x, SDXL, SD3 / SD3.5 and FLUX.1 pipelines, built offline from small configs.
+"""Tiny random-weight SD 1.x, SDXL, SD3 / SD3.5, FLUX.1 and Z-Image pipelines, built offline from small configs.
 
 Nothing is downloaded: the networks come from configs, the tokenizers are
 built in memory (a byte-level CLIP BPE vocabulary with no merges, a small
-T5 unigram vocabulary). `save_tiny` (and `save_tiny_sd` / `save_tiny_sd3`) write a diffusers
+T5 unigram vocabulary, a byte-level Qwen BPE with a chat template). `save_tiny` (and `save_tiny_sd` / `save_tiny_sd3`) write a diffusers
 folder with `save_pretrained`, which the generators then load like any
 local model. At 16-32 px a 4-step sample takes tens of milliseconds on CPU.
 """
@@ -218,9 +218,35 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )
 
 
+def tiny_zimage_pipeline(seed: int = 0):
+    """A ZImagePipeline: a 1 + 1 + 1 layer single-stream transformer, a 2-layer Qwen3 text encoder, the 1-level VAE
+    (16 px -> 16x16 latents -> 8x8 tokens), Z-Image-Turbo's scheduler (static shift 3)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from rewardkit.testbed.models import qwen_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 4, 8], axes_lens=[256, 64, 64],
+    )
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=260, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, max_position_embeddings=64)).eval()
+    return ZImagePipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+        vae=AutoencoderKL(**FLOW_VAE, shift_factor=0.1159, scaling_factor=0.3611),  # FLUX.1's VAE statistics
+        text_encoder=text_encoder,
+        tokenizer=qwen_tokenizer(max_length=64),
+    )
+
+
 def save_tiny(kind: str, folder: str | Path, **kwargs) -> Path:
-    """Write one of the tiny pipelines (kind: 'sd', 'sdxl', 'sd3', 'flux') as a diffusers folder."""
-    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+    """Write one of the tiny pipelines (kind: 'sd', 'sdxl', 'sd3', 'flux', 'zimage') as a diffusers folder."""
+    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
+                "zimage": tiny_zimage_pipeline}
     folder = Path(folder)
     builders[kind](**kwargs).save_pretrained(folder)
     return folder

@@ -18,9 +18,11 @@ def register_generators(register):
     from rewardkit.generators.sd import StableDiffusion
     from rewardkit.generators.sd3 import StableDiffusion3
     from rewardkit.generators.sdxl import StableDiffusionXL
+    from rewardkit.generators.zimage import ZImage
 
     register(Pixels)
     register(StableDiffusion)
     register(StableDiffusionXL)
     register(StableDiffusion3)
     register(Flux)
+    register(ZImage)

@@ -1,4 +1,4 @@
-"""What the diffusion generators (`sd`, `sdxl`, `sd3`, `flux`) share: a diffusers pipeline, LoRA, and R0's K-step sampler on it.
+"""What the diffusion generators (`sd`, `sdxl`, `sd3`, `flux`, `zimage`) share: a diffusers pipeline, LoRA, and R0's K-step sampler on it.
 
 This file loads the pipeline (hub id, local folder or single file), makes
 its denoiser trainable (a peft LoRA adapter, every weight, or - training =
@@ -39,11 +39,12 @@ FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransforme
 
 
 # The built-in generator type of each diffusers pipeline class (named in errors for a model given to the wrong type).
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+            "ZImagePipeline": "zimage"}
 
 
 class DiffusionOptions(PluginOptions):
-    """Options shared by the diffusion generators (`sd`, `sdxl`, `sd3`, `flux`)."""
+    """Options shared by the diffusion generators (`sd`, `sdxl`, `sd3`, `flux`, `zimage`)."""
 
     model: str
     """A hub id (loaded from the local Hugging Face cache, or downloaded when online), a local
@@ -83,8 +84,8 @@ class DiffusionOptions(PluginOptions):
     prompt_cache: NonNegativeInt = 512
     """Text-encoder outputs kept per prompt (least recently used dropped; 0: encode every time). The encoders
     are frozen, so a cached embedding is the one encoding would give; entries live in CPU memory, in the
-    denoiser's dtype: SD 1.5 0.24 MB each in float32, SD3 with T5 5.5 MB, FLUX.1 (512 T5 tokens) 8.4 MB (512 entries:
-    0.12 / 2.8 / 4.3 GB per process).
+    denoiser's dtype: SD 1.5 0.24 MB each in float32, SD3 with T5 5.5 MB, FLUX.1 (512 T5 tokens) 8.4 MB, Z-Image (512
+    Qwen3 tokens) 5.2 MB (512 entries: 0.12 / 2.8 / 4.3 / 2.7 GB per process).
     Not under FSDP, where sharded encoders must run on every process alike (text_encoders = 'free' works there)."""
     text_encoders: Literal["keep", "free"] = "keep"
     """'free': encode every prompt the run uses (training, sample and eval prompts, the negative prompt) at
@@ -94,7 +95,7 @@ class DiffusionOptions(PluginOptions):
 
 
 class DiffusionGenerator(Generator):
-    """A K-step sampler on a diffusers pipeline; each family (sd.py, sdxl.py, sd3.py, flux.py) fills in its own parts.
+    """A K-step sampler on a diffusers pipeline; each family (sd.py, sdxl.py, sd3.py, flux.py, zimage.py) fills in its own parts.
 
     Subclasses define: `pipeline_class` (diffusers class name), `supported_pipelines`,
     `denoiser_name` ('unet' / 'transformer'), `_check_pipeline`, `schedule`, `noise_levels`,
@@ -295,8 +296,8 @@ class DiffusionGenerator(Generator):
     def edit(self, prompts: Sequence[str], images: torch.Tensor, noise: torch.Tensor, strength: float) -> torch.Tensor:
         """Edit images (B, 3, H, W) in [0, 1] toward the prompts, as diffusers' img2img pipelines do (SDEdit): their
         latents (the VAE posterior's mean; diffusers draws a sample of it) noised to the level of step K - n, then the
-        last n = edit_steps(K, strength) steps of the sampler, at the generator's inference eta. Strength 0 returns the images through the VAE; strength 1 starts from the noise
-        alone, i.e. plain sampling (diffusers' img2img keeps alpha_t x0 in it, 0.07 x0 at SD's t = 999; its
+        last n = edit_steps(K, strength) steps of the sampler, at the generator's inference eta. Strength 0 returns the
+        images through the VAE; strength 1 starts from the noise alone, i.e. plain sampling (diffusers' img2img keeps alpha_t x0 in it, 0.07 x0 at SD's t = 999; its
         inpainting pipelines start from the noise, as here). No gradient."""
         if not 0 <= strength <= 1:
             raise UserError(f"--strength must be in [0, 1], got {strength}")
@@ -341,9 +342,12 @@ class DiffusionGenerator(Generator):
         x_in = torch.cat([x, x]) if scale != 1.0 else x
         out = self._network(x_in, schedule["timesteps"][k].expand(x_in.shape[0]), cond)
         if scale != 1.0:
-            uncond, cond_out = out.chunk(2)
-            out = uncond + scale * (cond_out - uncond)
+            out = self._guide(*out.chunk(2), schedule, k)
         return self._x0_eps(x, out, alpha, sigma)
+
+    def _guide(self, uncond: torch.Tensor, cond: torch.Tensor, schedule: dict, k: int) -> torch.Tensor:
+        """Classifier-free guidance of the network outputs at step k: uncond + scale * (cond - uncond)."""
+        return uncond + self.options.guidance_scale * (cond - uncond)
 
     def guidance_direction(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, prompts: Sequence[str], negative_prompt: str) -> torch.Tensor:
         """The frozen base model's classifier-free guidance direction for the clean latents, float32, without gradient.
@@ -450,6 +454,13 @@ class DiffusionGenerator(Generator):
         if set(theta_0) != {n for n, p in self.denoiser.named_parameters() if p.requires_grad}:
             raise RuntimeError("the reference weights do not cover the trained denoiser's parameters")
         return torch.func.functional_call(self.denoiser, theta_0, args, kwargs)
+
+    def _guided_rows(self, parts: tuple, negative_parts: tuple | None):
+        """The text conditioning as `_encode` returns it: [negative; prompts] for each part when guided (negative_parts
+        given), in the denoiser's dtype (a float32, fully trained denoiser next to bf16 text encoders)."""
+        if negative_parts is not None:
+            parts = tuple(torch.cat([n, p]) for n, p in zip(negative_parts, parts))
+        return tuple(p.to(self.denoiser_dtype) for p in parts)
 
     def _zero_negative(self, negative: str) -> bool:
         """Whether the negative prompt's conditioning is zeros rather than its encoding (SDXL's empty prompt)."""

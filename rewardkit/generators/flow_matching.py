@@ -1,11 +1,11 @@
-"""What the flow-matching generators (`sd3`, `flux`) share: the rectified-flow schedule on the model's own scheduler.
+"""What the flow-matching generators (`sd3`, `flux`, `zimage`) share: the rectified-flow schedule on the model's own scheduler.
 
 x_t = (1 - t) * x0 + t * eps and the network predicts the velocity
 v = eps - x0, so x0_hat = x_t - t * v and eps_hat = x_t + (1 - t) * v. The K
 noise levels are computed by the model's own FlowMatchEulerDiscreteScheduler
 from evenly spaced trailing sigmas 1, (K-1)/K, ..., 1/K (or the recipe's
 `sigmas`), time-shifted as the model was trained: by the scheduler's static
-`shift` (SD3, FLUX.1 [schnell]) or, where the scheduler says
+`shift` (SD3, FLUX.1 [schnell], Z-Image-Turbo) or, where the scheduler says
 use_dynamic_shifting, by a shift that grows with the number of image tokens
 (FLUX.1 [dev]: diffusers' `calculate_shift`). The pipelines given
 `sigmas=` compute the same levels. With eta = 0 the update is diffusers'

@@ -88,8 +88,7 @@ class StableDiffusion(DiffusionGenerator):
     def _encode(self, prompts: list[str], device, negative: list[str] | None = None):
         negative = self._negative_prompts(len(prompts)) if negative is None else negative
         cond, uncond = self.pipe.encode_prompt(prompts, device, 1, bool(negative), negative_prompt=negative or None)
-        embeds = torch.cat([uncond, cond]) if negative else cond
-        return embeds.to(self.denoiser_dtype)  # a float32 (fully trained) UNet next to bf16 text encoders
+        return self._guided_rows((cond,), (uncond,) if negative else None)[0]
 
     control = None  # a rewardkit.controlnet.Control while sampling with a ControlNet (`rewardkit sample --controlnet`)
 

@@ -11,7 +11,6 @@ is not loaded and its embeddings are zeros, as diffusers allows.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from rewardkit.generators.flow_matching import FlowMatchingGenerator, FlowMatchingOptions
@@ -54,10 +53,7 @@ class StableDiffusion3(FlowMatchingGenerator):
             prompts, None, None, device=device, do_classifier_free_guidance=bool(negative),
             negative_prompt=negative or None, max_sequence_length=self.options.max_sequence_length,
         )
-        if negative:
-            embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
-        dtype = self.denoiser_dtype  # a float32 (fully trained) transformer next to bf16 text encoders
-        return embeds.to(dtype), pooled.to(dtype)
+        return self._guided_rows((embeds, pooled), (neg_embeds, neg_pooled) if negative else None)
 
     def _network(self, x, timesteps, cond, base: bool = False):
         embeds, pooled = cond

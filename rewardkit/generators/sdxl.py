@@ -74,10 +74,7 @@ class StableDiffusionXL(StableDiffusion):
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=bool(negative),
             negative_prompt=None if zeros else (negative or None),
         )
-        if negative:
-            embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
-        dtype = self.denoiser_dtype  # a float32 (fully trained) UNet next to bf16 text encoders
-        return embeds.to(dtype), pooled.to(dtype)
+        return self._guided_rows((embeds, pooled), (neg_embeds, neg_pooled) if negative else None)
 
     def _network(self, x, timesteps, cond, base: bool = False):
         embeds, pooled = cond

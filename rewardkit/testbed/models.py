@@ -16,6 +16,13 @@ from torch import nn
 TOKENIZER_MAX_LENGTH = 40
 
 
+def byte_characters() -> list[str]:
+    """The 256 characters byte-level BPE tokenizers (GPT-2's, CLIP's, Qwen's) stand for the bytes with."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
 def clip_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     """A character-level CLIP BPE tokenizer built in memory (no vocabulary download).
 
@@ -25,15 +32,31 @@ def clip_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     """
     from transformers import CLIPTokenizer
 
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    others = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    chars = byte_characters()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in chars:
         vocab[c] = len(vocab)
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def qwen_tokenizer(max_length: int):
+    """A byte-level Qwen BPE tokenizer built in memory (Z-Image's text encoder is Qwen3): every byte a token, no merges,
+    Qwen's special tokens, and a chat template of Qwen3's form (the user's turn, then the assistant's turn opened; an
+    empty thought when thinking is off)."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {c: i for i, c in enumerate([*byte_characters(), *specials])}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+    )
+    return tokenizer
 
 
 def text_encoder():

@@ -23,7 +23,6 @@ docs/writing-a-generator-plugin.md in rewardkit walks through each.
 
 from __future__ import annotations
 
-import torch
 from pydantic import PositiveInt
 
 import rewardkit
@@ -59,9 +58,8 @@ class MyGenerator(PackedLatents, FlowMatchingGenerator):  # packed 2x2 latent to
             prompts, negative_prompt=negative or None, device=device, do_classifier_free_guidance=bool(negative),
             max_sequence_length=self.options.max_sequence_length,
         )
-        if negative:  # [negative; prompts], the order the sampler's guidance expects
-            embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
-        return embeds.to(self.denoiser_dtype), mask.to(self.denoiser_dtype)  # a float mask: in the attention's dtype too
+        # [negative; prompts] (the order the sampler's guidance expects), in the denoiser's dtype (the float mask too)
+        return self._guided_rows((embeds, mask), (neg_embeds, neg_mask) if negative else None)
 
     def _network(self, x, timesteps, cond, base: bool = False):
         embeds, mask = cond
