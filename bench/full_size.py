@@ -235,8 +235,8 @@ def reward_params(names) -> int:
     import open_clip
     from rewardkit_imagereward.model import ImageRewardModel, full_size_shapes
 
-    vit_h = _numel(open_clip.create_model("ViT-H-14", pretrained=None, device="meta"))
-    with torch.device("meta"):
+    with torch.device("meta"):  # (device="meta" alone would build the parameters first, then move them)
+        vit_h = _numel(open_clip.create_model("ViT-H-14", pretrained=None, device="meta"))
         ir = _numel(ImageRewardModel(full_size_shapes()))
     return sum({"hps": vit_h, "clip_score": vit_h, "imagereward": ir}[n] for n in names)  # HPS and CLIP score: two ViT-H-14s
 

@@ -49,9 +49,10 @@ def full_size_params() -> dict[str, int]:
     try:
         import open_clip
 
-        vit_h = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
+        with torch.device("meta"):  # (device="meta" alone would build the parameters first, then move them)
+            vit_h = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
+            vit_l = open_clip.create_model("ViT-L-14", pretrained=None, device="meta")
         counts["hps"] = counts["clip_score"] = sum(p.numel() for p in vit_h.parameters())
-        vit_l = open_clip.create_model("ViT-L-14", pretrained=None, device="meta")
         from rewardkit_clip.rewards import AestheticMLP
 
         with torch.device("meta"):

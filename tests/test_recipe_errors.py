@@ -130,7 +130,7 @@ def test_toml_arrays_and_integers_fill_tuples_and_floats(tmp_path, capsys, write
 
 
 # --- checks across plugins, before any model loads -------------------------------------------
-def testbed_recipe(tmp_path, training="full", regularizers=None) -> dict:
+def make_testbed_recipe(tmp_path, training="full", regularizers=None) -> dict:
     return {
         "run": {"dir": str(tmp_path / "r"), "steps": 2},
         "prompts": {"train": ["a handwritten digit 1"]},
@@ -141,14 +141,14 @@ def testbed_recipe(tmp_path, training="full", regularizers=None) -> dict:
 
 
 def test_noise_norm_with_a_weight_generator_fails_validation(tmp_path, capsys, write_recipe):
-    path = write_recipe(testbed_recipe(tmp_path, "lora", {"noise_norm": {}}))
+    path = write_recipe(make_testbed_recipe(tmp_path, "lora", {"noise_norm": {}}))
     code, err = validate(capsys, path)
     assert_bad_input(code, err, str(path), "regularizers.noise_norm:", "training = 'noise'")
-    assert validate(capsys, write_recipe(testbed_recipe(tmp_path, "noise", {"noise_norm": {}})))[0] == 0
+    assert validate(capsys, write_recipe(make_testbed_recipe(tmp_path, "noise", {"noise_norm": {}})))[0] == 0
 
 
 def test_intermediate_step_past_num_steps_fails_validation(tmp_path, capsys, write_recipe):
-    path = write_recipe(testbed_recipe(tmp_path, regularizers={"intermediate_step": {"steps": [1, 4]}}))
+    path = write_recipe(make_testbed_recipe(tmp_path, regularizers={"intermediate_step": {"steps": [1, 4]}}))
     code, err = validate(capsys, path)
     assert_bad_input(code, err, "regularizers.intermediate_step.steps:", "generator.num_steps = 4")
     assert validate(capsys, path, "generator.num_steps=5")[0] == 0
