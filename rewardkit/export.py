@@ -35,7 +35,8 @@ def export(path: str | Path, format: str, out: str | Path, registry, ema: bool =
     writable_dir(out, "--out")  # before the model loads
     generator, _, checkpoint = load_generator(path, registry=registry, ema=ema)
     if not isinstance(generator, DiffusionGenerator):
-        raise UserError(f"generator '{generator.name}' cannot be exported: only the diffusion generators (sd, sdxl, sd3, flux, zimage) write diffusers formats")
+        raise UserError(f"generator '{generator.name}' cannot be exported: only the diffusion generators "
+                        "(sd, sdxl, sd3, flux, zimage) write diffusers formats")
     export_generator(generator, out, format)
     return out
 

@@ -22,10 +22,10 @@ from tiny_models import save_tiny  # noqa: E402
 
 from rewardkit.errors import RecipeError  # noqa: E402
 from rewardkit.generators.flux import Flux  # noqa: E402
-from rewardkit.generators.zimage import ZImage  # noqa: E402
 from rewardkit.generators.sd import StableDiffusion  # noqa: E402
 from rewardkit.generators.sd3 import StableDiffusion3  # noqa: E402
 from rewardkit.generators.sdxl import StableDiffusionXL  # noqa: E402
+from rewardkit.generators.zimage import ZImage  # noqa: E402
 from rewardkit.regularizers.weight_l2 import WeightL2  # noqa: E402
 from rewardkit.rewards.classifier_free_guidance import ClassifierFreeGuidance  # noqa: E402
 

@@ -191,13 +191,16 @@ def test_flux_dev_shift_grows_with_the_image(folders):
 def test_zimage_matches_its_pipeline(folders, guidance, normalization, truncation, size):
     """Z-Image against ZImagePipeline called with the recorded pipeline_call: prompts of different lengths (each reaches
     the transformer with its own tokens only), guidance in the pipeline's form (its guidance_scale is rewardkit's - 1),
-    with the renormalization (it clips the first steps here) and the truncation (the last step of three goes unguided)."""
+    with the renormalization (it clips every step here) and the truncation (the last step of three, at progress 0.4,
+    goes unguided and runs the conditional rows alone)."""
     from diffusers import ZImagePipeline
 
     height, width = size
-    gen = build(ZImage, folders["zimage"], height=height, width=width, num_steps=3, guidance_scale=guidance, max_sequence_length=48,
-                cfg_normalization=normalization, cfg_truncation=truncation)
+    options = dict(height=height, width=width, num_steps=3, guidance_scale=guidance, max_sequence_length=48)
+    gen = build(ZImage, folders["zimage"], **options, cfg_normalization=normalization, cfg_truncation=truncation)
     noise = noise_for(gen)
+    rows = []
+    gen.denoiser.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
     with torch.no_grad():
         ours = gen(PROMPTS, noise, gen.sample_options())
     call = gen.pipeline_call()
@@ -209,13 +212,22 @@ def test_zimage_matches_its_pipeline(folders, guidance, normalization, truncatio
     ref = pipe(list(PROMPTS), latents=noise, output_type="pt", **call).images  # (a copy: the pipeline rewrites its prompt list)
     close(ours, ref)
     assert ours.std() > 0.01 and ours.shape[-2:] == size
+    assert rows == [2 * len(PROMPTS) if guidance != 1 else len(PROMPTS)] * (2 if truncation < 1 else 3) + [len(PROMPTS)] * (truncation < 1)
     lengths = gen._conditioning(PROMPTS, "cpu")[1][-2:]  # (after the negative prompts, if guided)
     assert 0 < lengths[0] < lengths[1] < 48  # the two prompts' own token counts (with the chat template)
+    if normalization or truncation < 1:  # the option matters here, so the comparison above tests it
+        plain = build(ZImage, folders["zimage"], **options)
+        with torch.no_grad():
+            assert (plain(PROMPTS, noise, plain.sample_options()) - ours).abs().max() > 1e-3
 
 
-def test_zimage_refuses_a_guidance_its_pipeline_cannot_express(folders):
-    with pytest.raises(UserError, match="ZImagePipeline guides only with its guidance_scale > 0"):
-        build(ZImage, folders["zimage"], height=16, width=16, guidance_scale=0.5)
+def test_zimage_options_refuse_what_its_pipeline_cannot_do(folders):
+    from rewardkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"zimage.guidance_scale: must be at least 1: ZImagePipeline guides only with its guidance_scale \(rewardkit's - 1\) above 0"):
+        ZImage(model=folders["zimage"], guidance_scale=0.5)  # at validation, before any model loads
+    with pytest.raises(UserError, match="max_sequence_length = 300: this transformer's rotary table holds 256 text positions; give at most 224"):
+        build(ZImage, folders["zimage"], height=16, width=16, max_sequence_length=300)
 
 
 # --- the published architectures ---------------------------------------------------------------
@@ -249,7 +261,7 @@ def test_zimage_turbo_counts_match_the_published_sizes():
     from transformers import Qwen3Config, Qwen3Model
 
     params, _ = _meta_count("z_image_turbo", "transformer")
-    assert round(params / 1e9) == 6
+    assert round(params / 1e9) == 6 and params == 6_154_908_736  # (the exact count pins the config file)
     config = {k: v for k, v in json.loads((CONFIGS / "z_image_turbo" / "text_encoder.json").read_text()).items()
               if not k.startswith("_") and k != "architectures"}
     with torch.device("meta"):

@@ -103,8 +103,10 @@ def test_method_recipe_runs_on_a_tiny_model(name, tiny_folders, tmp_path, reques
     overrides += [f"eval.rewards.{s.label}.type='{CHEAP[s.cls.name]}'" for s in base.evaluation.rewards if s.cls.name in CHEAP]
     if any(s.cls.name == "high_resolution" for s in base.rewards):
         overrides.append(f"rewards.high_resolution.weights='{request.getfixturevalue('hires_classifier')[0]}'")
-    if kind in ("flux", "zimage"):
-        overrides.append("generator.max_sequence_length=16")  # the tiny text encoders' lengths (FLUX.1's and Z-Image's: 512)
+    if kind == "flux":
+        overrides.append("generator.max_sequence_length=16")  # the tiny T5's length (FLUX.1's: 512)
+    if kind == "zimage":
+        overrides.append("generator.max_sequence_length=48")  # the chat template and a prompt fit (Z-Image's: 512)
     if base.generator.options.num_steps > 4:
         overrides.append("generator.num_steps=5")
     recipe = _load(path, overrides)

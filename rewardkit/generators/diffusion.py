@@ -39,8 +39,13 @@ FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransforme
 
 
 # The built-in generator type of each diffusers pipeline class (named in errors for a model given to the wrong type).
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
-            "ZImagePipeline": "zimage"}
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "ZImagePipeline": "zimage",
+}
 
 
 class DiffusionOptions(PluginOptions):
@@ -195,7 +200,10 @@ class DiffusionGenerator(Generator):
         """The diffusers pipeline of `model`: a single file, a local folder, or a hub id (cache first)."""
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_class)
+        cls = getattr(diffusers, self.pipeline_class, None)
+        if cls is None:
+            raise UserError(f"the '{self.name}' generator needs diffusers' {self.pipeline_class}, which diffusers {diffusers.__version__} "
+                            "does not have: upgrade diffusers (pip install -U diffusers)")
         model, opts = self.options.model, self.options
         kwargs = self._load_kwargs()
         path = Path(model).expanduser()
@@ -297,8 +305,8 @@ class DiffusionGenerator(Generator):
         """Edit images (B, 3, H, W) in [0, 1] toward the prompts, as diffusers' img2img pipelines do (SDEdit): their
         latents (the VAE posterior's mean; diffusers draws a sample of it) noised to the level of step K - n, then the
         last n = edit_steps(K, strength) steps of the sampler, at the generator's inference eta. Strength 0 returns the
-        images through the VAE; strength 1 starts from the noise alone, i.e. plain sampling (diffusers' img2img keeps alpha_t x0 in it, 0.07 x0 at SD's t = 999; its
-        inpainting pipelines start from the noise, as here). No gradient."""
+        images through the VAE; strength 1 starts from the noise alone, i.e. plain sampling (diffusers' img2img keeps
+        alpha_t x0 in it, 0.07 x0 at SD's t = 999; its inpainting pipelines start from the noise, as here). No gradient."""
         if not 0 <= strength <= 1:
             raise UserError(f"--strength must be in [0, 1], got {strength}")
         if self.options.training == "noise":
@@ -338,15 +346,21 @@ class DiffusionGenerator(Generator):
 
         Guidance combines the [unconditional; conditional] outputs, which are linear in x0 and eps."""
         alpha, sigma = schedule["alpha"][k], schedule["sigma"][k]
-        scale = self.options.guidance_scale
-        x_in = torch.cat([x, x]) if scale != 1.0 else x
+        guided = self.options.guidance_scale != 1.0
+        if guided and not self._guided_at(schedule, k):  # an unguided step: the conditional rows alone
+            cond, guided = _conditional_half(cond), False
+        x_in = torch.cat([x, x]) if guided else x
         out = self._network(x_in, schedule["timesteps"][k].expand(x_in.shape[0]), cond)
-        if scale != 1.0:
-            out = self._guide(*out.chunk(2), schedule, k)
+        if guided:
+            out = self._guide(*out.chunk(2))
         return self._x0_eps(x, out, alpha, sigma)
 
-    def _guide(self, uncond: torch.Tensor, cond: torch.Tensor, schedule: dict, k: int) -> torch.Tensor:
-        """Classifier-free guidance of the network outputs at step k: uncond + scale * (cond - uncond)."""
+    def _guided_at(self, schedule: dict, k: int) -> bool:
+        """Whether step k is guided, when guidance is on: every step, unless the family's pipeline truncates it."""
+        return True
+
+    def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of the network outputs: uncond + scale * (cond - uncond)."""
         return uncond + self.options.guidance_scale * (cond - uncond)
 
     def guidance_direction(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, prompts: Sequence[str], negative_prompt: str) -> torch.Tensor:
@@ -457,10 +471,11 @@ class DiffusionGenerator(Generator):
 
     def _guided_rows(self, parts: tuple, negative_parts: tuple | None):
         """The text conditioning as `_encode` returns it: [negative; prompts] for each part when guided (negative_parts
-        given), in the denoiser's dtype (a float32, fully trained denoiser next to bf16 text encoders)."""
+        given); float parts in the denoiser's dtype (a float32, fully trained denoiser next to bf16 text encoders),
+        integer and boolean ones as they are."""
         if negative_parts is not None:
             parts = tuple(torch.cat([n, p]) for n, p in zip(negative_parts, parts))
-        return tuple(p.to(self.denoiser_dtype) for p in parts)
+        return tuple(p.to(self.denoiser_dtype) if p.is_floating_point() else p for p in parts)
 
     def _zero_negative(self, negative: str) -> bool:
         """Whether the negative prompt's conditioning is zeros rather than its encoding (SDXL's empty prompt)."""
@@ -564,6 +579,13 @@ class DiffusionGenerator(Generator):
     def export_scheduler(self):
         """The diffusers scheduler whose default `num_inference_steps = K` reproduces this sampler (rewardkit.export)."""
         raise NotImplementedError
+
+
+def _conditional_half(cond):
+    """The conditional rows of guided text conditioning ([unconditional; conditional]): a tensor or a tuple of them."""
+    if isinstance(cond, tuple):
+        return tuple(_conditional_half(c) for c in cond)
+    return cond[len(cond) // 2 :]
 
 
 def _rows_of(cond, rows: torch.Tensor, batch: int):

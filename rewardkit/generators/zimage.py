@@ -1,4 +1,4 @@
-"""`zimage`: a K-step sampler on a ZImagePipeline: Z-Image-Turbo and Z-Image (Tongyi-MAI, 2025-26).
+"""`zimage`: a K-step sampler on a ZImagePipeline: Z-Image-Turbo and Z-Image (Tongyi-MAI, November 2025).
 
 Z-Image is a 6B single-stream DiT (text and image tokens in one sequence)
 with a Qwen3-4B language model as its text encoder and FLUX.1's VAE;
@@ -21,7 +21,7 @@ Apache-2.0. The flow-matching schedule is rewardkit.generators.flow_matching
 from __future__ import annotations
 
 import torch
-from pydantic import Field, NonNegativeFloat
+from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator
 
 from rewardkit.errors import UserError
 from rewardkit.generators.diffusion import FSDP_BLOCKS
@@ -29,13 +29,22 @@ from rewardkit.generators.flow_matching import FlowMatchingGenerator, FlowMatchi
 
 
 class ZImageOptions(FlowMatchingOptions):
-    max_sequence_length: int = Field(default=512, ge=1, le=512)
-    """Prompt length in tokens, chat template included (ZImagePipeline's default)."""
+    max_sequence_length: PositiveInt = 512
+    """Prompt length in tokens, chat template included (ZImagePipeline's default; the transformer's rotary table
+    bounds it: 1,504 tokens for the published model)."""
     cfg_normalization: NonNegativeFloat = 0.0
     """With c > 0, a guided velocity longer than c times the conditional one is scaled back to that length (per image,
     the pipeline's cfg_normalization); 0: off."""
     cfg_truncation: float = Field(default=1.0, ge=0, le=1)
     """Guide only the steps whose progress 1 - t is at most this (the pipeline's cfg_truncation); 1: every step."""
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _expressible(cls, v):
+        if v < 1:
+            raise ValueError("must be at least 1: ZImagePipeline guides only with its guidance_scale (rewardkit's - 1) "
+                             "above 0, and 1 is unguided, as Z-Image-Turbo is sampled")
+        return v
 
 
 class ZImage(FlowMatchingGenerator):
@@ -49,11 +58,11 @@ class ZImage(FlowMatchingGenerator):
 
     def _check_pipeline(self, pipe) -> None:
         super()._check_pipeline(pipe)
-        if self.options.guidance_scale < 1:
-            raise UserError(
-                f"generator.guidance_scale = {self.options.guidance_scale}: ZImagePipeline guides only with its guidance_scale > 0, "
-                "i.e. rewardkit's above 1 (1: unguided, as Z-Image-Turbo is sampled)"
-            )
+        # text positions 1 .. L rounded up to the transformer's 32-token blocks, then the image's: all in the rotary table
+        L, positions = self.options.max_sequence_length, pipe.transformer.config.axes_lens[0]
+        if -(-L // 32) * 32 + 1 >= positions:
+            raise UserError(f"generator.max_sequence_length = {L}: this transformer's rotary table holds {positions} text "
+                            f"positions; give at most {(positions - 2) // 32 * 32}")
 
     def _patch_size(self) -> int:
         return self.pipe.transformer.config.all_patch_size[0]
@@ -79,8 +88,9 @@ class ZImage(FlowMatchingGenerator):
         negative = self._negative_prompts(len(prompts)) if negative is None else negative
         rows = [*negative, *prompts]
         # the pipeline's own encoding (chat template, padding to max_sequence_length, the real tokens' hidden states);
-        # it rewrites the list it is given
-        embeds = self.pipe._encode_prompt(list(rows), device=device, max_sequence_length=self.options.max_sequence_length)
+        # a copy of the list: the pipeline rewrites the one it is given
+        embeds, _ = self.pipe.encode_prompt(list(rows), device=device, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.options.max_sequence_length)
         lengths = torch.tensor([len(e) for e in embeds], device=device)
         padded = torch.zeros(len(embeds), self.options.max_sequence_length, embeds[0].shape[-1], device=device, dtype=self.denoiser_dtype)
         for i, e in enumerate(embeds):
@@ -94,10 +104,11 @@ class ZImage(FlowMatchingGenerator):
         out = self._call_denoiser(base, latents, (1000 - timesteps) / 1000, captions, return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)  # the transformer predicts minus the velocity
 
-    def _guide(self, uncond, cond, schedule, k):
-        if float((1000 - schedule["timesteps"][k]) / 1000) > self.options.cfg_truncation:  # the pipeline's t_norm, progress 1 - t
-            return cond
-        guided = super()._guide(uncond, cond, schedule, k)
+    def _guided_at(self, schedule, k):
+        return float((1000 - schedule["timesteps"][k]) / 1000) <= self.options.cfg_truncation  # the pipeline's t_norm: 1 - t
+
+    def _guide(self, uncond, cond):
+        guided = super()._guide(uncond, cond)
         c = self.options.cfg_normalization
         if c > 0:
             dims = tuple(range(1, cond.dim()))
