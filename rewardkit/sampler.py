@@ -30,6 +30,7 @@ Only torch is imported: the sampler knows nothing of pipelines.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Callable
 
 import torch
@@ -79,14 +80,28 @@ def posterior_std(alpha_t, sigma_t, alpha_s, sigma_s):
     return sigma_s * torch.sqrt(torch.clamp(1 - r**2, min=0.0))  # clamp: rounding only
 
 
+def transition(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update from t to s as the Gaussian it is: (mean, like x0; standard deviation sigma_eta, (B,)); eta is (B,)."""
+    sigma_eta = eta * posterior_std(alpha_t, sigma_t, alpha_s, sigma_s)
+    s2 = (sigma_eta**2).view((-1,) + (1,) * (x0.dim() - 1))
+    return alpha_s * x0 + torch.sqrt(torch.clamp(sigma_s**2 - s2, min=0.0)) * eps, sigma_eta  # clamp: rounding only
+
+
 def ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta, xi):
     """R0's update from noise level t to s (see the module docstring); eta is (B,) in [0, 1], xi like x0 or None."""
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    sigma_eta = (eta * posterior_std(alpha_t, sigma_t, alpha_s, sigma_s)).view(shape)
-    x_s = alpha_s * x0 + torch.sqrt(torch.clamp(sigma_s**2 - sigma_eta**2, min=0.0)) * eps  # clamp: rounding only
-    if xi is not None:
-        x_s = x_s + sigma_eta * xi
-    return x_s
+    mean, sigma_eta = transition(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta)
+    return mean if xi is None else mean + sigma_eta.view((-1,) + (1,) * (x0.dim() - 1)) * xi
+
+
+def transition_log_prob(x_s: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x_s; mean, std^2 I) per sample, (B,), summed over its elements in float64: the log-probability of one
+    stochastic update (std > 0, i.e. eta > 0), what a score-function (policy-gradient) estimator differentiates."""
+    if bool((std <= 0).any()):
+        raise ValueError("a transition's log-probability needs eta > 0: at eta = 0 the update is deterministic")
+    x_s, mean, std = x_s.double(), mean.double(), std.double()
+    d = x_s[0].numel()
+    z = (x_s - mean) / std.view((-1,) + (1,) * (x_s.dim() - 1))
+    return -0.5 * z.pow(2).flatten(1).sum(1) - d * torch.log(std) - 0.5 * d * math.log(2 * math.pi)
 
 
 def sample(
@@ -101,6 +116,7 @@ def sample(
     trajectory: list | None = None,
     agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     deep_supervision: tuple[int, ...] | None = None,
+    log_probs: list | None = None,
 ) -> torch.Tensor:
     """Run the K = len(alpha) steps from `noise`; the returned clean prediction, with gradient where asked.
 
@@ -112,6 +128,9 @@ def sample(
     must reach it through every step (grad_steps then defaults to all).
     If `trajectory` is a list, the x_t entering each step is appended to it
     (for rows past their returned step, what it holds there is meaningless).
+    If `log_probs` is a list, the log-probability (B,) of each stochastic
+    update under the model that made it is appended (eta > 0 everywhere; see
+    `trajectory_log_probs`, which recomputes them from the trajectory).
 
     `deep_supervision` (increasing steps, R0+'s second reading): the x0_hat of
     each of these steps is returned, stacked step-major (len x B rows), with
@@ -181,11 +200,35 @@ def sample(
             out = x0 if out is None else torch.where((end == k).view(view), x0, out)
         elif k in steps_out:
             stacked.append(x0)
-        if k < last:
+        if k < last and log_probs is not None:
+            if xi is None:
+                raise ValueError("log-probabilities of the updates need eta > 0: at eta = 0 the sampler is deterministic")
+            mean, std = transition(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
+            x = mean + std.view(view) * xi[:, k]
+            log_probs.append(transition_log_prob(x.detach(), mean, std))
+        elif k < last:
             x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
     if deep_supervision is not None:
         out = torch.cat(stacked)
     return out if tie is None else out + tie
+
+
+def trajectory_log_probs(predict: Predict, trajectory: list[torch.Tensor], alpha: torch.Tensor, sigma: torch.Tensor,
+                         eta: float | torch.Tensor, steps: list[int]) -> torch.Tensor:
+    """log p(x_{k+1} | x_k) (B, len(steps)) of a recorded trajectory (`sample(trajectory=...)`, x_0 .. x_{K-1}) under
+    `predict`: the states are data (detached), the gradient, where enabled, reaches the model through each update's
+    mean. With the model that sampled it, these are `sample(log_probs=...)`'s values: an importance ratio of 1."""
+    K = len(alpha)
+    B = trajectory[0].shape[0]
+    eta = eta_matrix(eta, B, K, trajectory[0].device)
+    out = []
+    for k in steps:
+        if not 0 <= k < len(trajectory) - 1:
+            raise ValueError(f"step {k}: the trajectory's updates are steps 0 .. {len(trajectory) - 2}")
+        x0, eps = predict(trajectory[k].detach(), k, None)
+        mean, std = transition(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
+        out.append(transition_log_prob(trajectory[k + 1].detach(), mean, std))
+    return torch.stack(out, 1)
 
 
 def _predict_rows(predict: Predict, x: torch.Tensor, k: int, with_grad: torch.Tensor, active: torch.Tensor):

@@ -86,6 +86,28 @@ def test_rewards_score_real_digits_and_are_differentiable():
         assert g.shape == xi.shape and float(g.abs().sum()) > 0
 
 
+def test_digit_correct_is_the_classifiers_accuracy_and_refuses_training():
+    """1 exactly where the classifier's logit of the prompt's digit beats every other (its margin is positive), else 0;
+    held-out real digits are mostly read right; not differentiable, so a recipe cannot train on it pathwise."""
+    from rewardkit.errors import RecipeError, UserError
+    from rewardkit.optimizer import Optimizer
+    from rewardkit.testbed.plugins import DigitClassifier, DigitCorrect
+
+    x, y = data.splits()["heldout"]
+    x = x[:60]
+    prompts = [data.prompt(int((d + (i % 3 == 0)) % 10)) for i, d in enumerate(y[:60])]  # a third of them name another digit
+    correct = DigitCorrect()(x, prompts)
+    margin = DigitClassifier(score="margin")(x, prompts)
+    assert correct.dtype == torch.float32 and set(correct.tolist()) == {0.0, 1.0}
+    assert torch.equal(correct, (margin > 0).float())
+    assert 0.5 < float(correct.mean()) < 0.75  # right on most of the two thirds that name their own digit
+    assert not DigitCorrect.differentiable
+    recipe = {"generator": {"type": "testbed"}, "rewards": {"digit_correct": {}}, "prompts": {"train": prompts[:2]},
+              "run": {"steps": 1, "trackers": [], "progress": False}}
+    with pytest.raises((RecipeError, UserError), match="'digit_correct' is not differentiable"):
+        Optimizer.from_recipe(recipe)
+
+
 def test_capped_rewards_stop_pushing_past_the_cap():
     """Past the cap a reward's gradient is exactly zero, so per-sample normalization leaves it zero."""
     from rewardkit.regularizers.normalize_gradients import NormalizeGradients
@@ -121,7 +143,7 @@ def test_plugins_are_registered():
 
     reg = load_registry()
     assert "testbed" in reg.names("generator")
-    assert {"digit_classifier", "digit_realism", "digit_prototype"} <= set(reg.names("reward"))
+    assert {"digit_classifier", "digit_realism", "digit_prototype", "digit_correct"} <= set(reg.names("reward"))
 
 
 def test_testbed_generator_is_the_sd_generator_on_the_teacher():

@@ -32,11 +32,12 @@ def register_generators(register):
 
 @hookimpl
 def register_rewards(register):
-    from rewardkit.testbed.plugins import DigitClassifier, DigitPrototype, DigitRealism
+    from rewardkit.testbed.plugins import DigitClassifier, DigitCorrect, DigitPrototype, DigitRealism
 
     register(DigitClassifier)
     register(DigitRealism)
     register(DigitPrototype)
+    register(DigitCorrect)
 
 
 def _report_arguments(parser):

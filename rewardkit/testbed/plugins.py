@@ -7,6 +7,10 @@
 - `digit_classifier` (reward): log-probability (or logit margin) of the
   prompt's digit under the CNN trained on split A. The task reward, like
   ImageReward / HPS for real models.
+- `digit_correct` (reward): 1 where that CNN's most likely digit is the
+  prompt's, else 0. Not differentiable: the reward a score-function
+  (policy-gradient) estimator trains on, and an evaluation metric (accuracy),
+  like OCR accuracy or a VLM judge's verdict for real models.
 - `digit_realism` (reward): minus the squared residual of the image outside
   the top principal components of real digits (split A): how far it is
   from the manifold of handwriting, blind to which digit it is.
@@ -126,6 +130,33 @@ class DigitClassifier(Reward):
         if self.options.confidence is not None:
             log_p = log_p.clamp(max=math.log(self.options.confidence))
         return log_p
+
+
+class DigitCorrectOptions(RewardOptions):
+    weights: str = PACKAGED
+    """'rewardkit-testbed' or a folder written by `python -m rewardkit.testbed.train --out DIR`."""
+
+
+class DigitCorrect(Reward):
+    """1 where the CNN trained on split A reads the prompt's digit (its argmax), else 0: not differentiable."""
+
+    name = "digit_correct"
+    Options = DigitCorrectOptions
+    input_size = (data.IMAGE_SIZE, data.IMAGE_SIZE)
+    differentiable = False
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        from rewardkit.testbed.models import DigitCNN
+
+        tensors = _load_reward_tensors(self.options.weights)
+        self.model = DigitCNN()
+        self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("cnn.")})
+
+    def forward(self, images, prompts):
+        with torch.no_grad():
+            read = self.model(data.to_gray(images)).argmax(1)
+        return (read == _digits(prompts, self.name).to(read.device)).float()
 
 
 class DigitRealismOptions(RewardOptions):
