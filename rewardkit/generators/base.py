@@ -9,7 +9,7 @@ full fine-tune are driven by the same loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -17,6 +17,16 @@ import torch
 from rewardkit.distributed import full_tensor, squared_distance
 from rewardkit.errors import UserError
 from rewardkit.options import Configurable
+
+
+@dataclass
+class Rollout:
+    """What a stochastic sampling pass leaves for a score-function (policy-gradient) estimator: the state x_t entering
+    each step (detached) and the log-probability (B,) of each stochastic update under the weights that sampled it.
+    Filled by `forward` when passed as SampleOptions.rollout; read back through SampleOptions.score_steps."""
+
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+    log_probs: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -41,6 +51,13 @@ class SampleOptions:
     prompt_index: (B,) positions of the batch's prompts in the training
         prompt list, set by the optimizer during training (None otherwise);
         generators with per-prompt parameters (optimized noise) use it.
+    rollout: a Rollout that `forward` fills while sampling (generators that
+        say `supports_score_function`; eta > 0 at every update).
+    score_steps: with a filled `rollout`: `forward` returns, instead of
+        images, the log-probabilities (B, len(score_steps)) of those updates of
+        the recorded trajectory under the current weights, with gradient: what
+        the score-function estimator differentiates. (Through `forward`, so
+        that DDP / FSDP wrappers see the call.)
     """
 
     num_steps: int | None = None
@@ -50,6 +67,8 @@ class SampleOptions:
     prompt_index: torch.Tensor | None = None
     deep_supervision: tuple[int, ...] | None = None
     deep_supervision_weights: tuple[float, ...] | None = None
+    rollout: Rollout | None = None
+    score_steps: tuple[int, ...] | None = None
 
     def replace(self, **changes) -> "SampleOptions":
         return replace(self, **changes)
@@ -65,6 +84,8 @@ class Generator(Configurable, torch.nn.Module):
 
     supports_deep_supervision: bool = False
     """Whether `forward` honours SampleOptions.deep_supervision (R0+'s every-step reading)."""
+    supports_score_function: bool = False
+    """Whether `forward` honours SampleOptions.rollout and score_steps (transition log-probabilities)."""
 
     def __init__(self, **options):
         torch.nn.Module.__init__(self)

@@ -109,6 +109,7 @@ class DiffusionGenerator(Generator):
 
     Options = DiffusionOptions
     supports_deep_supervision = True
+    supports_score_function = True
     fsdp_blocks: tuple[str, ...] = FSDP_BLOCKS  # the repeated blocks FSDP shards as units; a family adds its own
     pipeline_class: str = ""
     supported_pipelines: tuple[str, ...] = ()
@@ -266,10 +267,29 @@ class DiffusionGenerator(Generator):
         return self
 
     def forward(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions) -> torch.Tensor:
+        if options.score_steps is not None:
+            return self._transition_log_probs(prompts, options)
         if self.options.training == "noise":
             noise = self._noise_slots.lookup(self.noise_table, prompts, noise, options.prompt_index)
-        x0 = self.sample_latents(prompts, noise, options)
+        rollout = options.rollout
+        x0 = self.sample_latents(prompts, noise, options, trajectory=None if rollout is None else rollout.trajectory,
+                                 log_probs=None if rollout is None else rollout.log_probs)
         return self.decode(x0)
+
+    def _transition_log_probs(self, prompts: Sequence[str], options: SampleOptions) -> torch.Tensor:
+        """log p(x_{k+1} | x_k) (B, len(score_steps)) of the updates `score_steps` of options.rollout's trajectory,
+        under the current weights, with gradient (rewardkit.sampler.trajectory_log_probs)."""
+        if self.options.training == "noise":
+            raise UserError("a score-function estimator trains the weights through the sampler's transitions; with training = "
+                            "'noise' nothing it reaches is trained: use training = 'lora' or 'full'")
+        if options.rollout is None or not options.rollout.trajectory:
+            raise ValueError("SampleOptions.score_steps needs the rollout of a sampling pass (SampleOptions.rollout, filled)")
+        trajectory = options.rollout.trajectory
+        schedule = self.schedule(options.num_steps or self.options.num_steps, trajectory[0].device)
+        with torch.no_grad():
+            cond = self._conditioning(list(prompts), trajectory[0].device)
+        return sampler.trajectory_log_probs(lambda x, k, rows: self._predict(x, schedule, k, cond), trajectory,
+                                            schedule["alpha"], schedule["sigma"], options.eta, list(options.score_steps))
 
     def optimized_noise(self) -> torch.Tensor | None:
         return self.noise_table if self.options.training == "noise" else None
@@ -282,13 +302,16 @@ class DiffusionGenerator(Generator):
     def planned_noise_optimization(cls, options) -> bool:
         return options.training == "noise"
 
-    def sample_latents(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions, trajectory: list | None = None) -> torch.Tensor:
+    def sample_latents(self, prompts: Sequence[str], noise: torch.Tensor, options: SampleOptions, trajectory: list | None = None,
+                       log_probs: list | None = None) -> torch.Tensor:
         """The K-step sampler (rewardkit.sampler) on this model: the clean latents, with gradient where options ask
-        (under deep supervision, those of every supervised step, stacked step-major)."""
+        (under deep supervision, those of every supervised step, stacked step-major); `trajectory` and `log_probs`
+        as rewardkit.sampler.sample records them."""
         K = options.num_steps or self.options.num_steps
-        return self._sample(prompts, noise, self.schedule(K, noise.device), options, trajectory)
+        return self._sample(prompts, noise, self.schedule(K, noise.device), options, trajectory, log_probs)
 
-    def _sample(self, prompts, x_start: torch.Tensor, schedule: dict, options: SampleOptions, trajectory: list | None = None) -> torch.Tensor:
+    def _sample(self, prompts, x_start: torch.Tensor, schedule: dict, options: SampleOptions, trajectory: list | None = None,
+                log_probs: list | None = None) -> torch.Tensor:
         """The sampler over `schedule`'s steps from x_start, the latents entering its first step."""
         with torch.no_grad():
             cond = self._conditioning(list(prompts), x_start.device)
@@ -297,6 +320,7 @@ class DiffusionGenerator(Generator):
             x_start, schedule["alpha"], schedule["sigma"], options.eta,
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory, deep_supervision=options.deep_supervision,
+            log_probs=log_probs,
             # sharded (FSDP): every network call is a collective, so all processes make the same calls
             agree=agree_max if fsdp_wrapped(self) else None,
         )
