@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import torch
 from pydantic import ValidationError
 
-from rewardkit import distributed
+from rewardkit import distributed, policy_gradient
 from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, save_checkpoint, usable_checkpoint
 from rewardkit.durable import write_text_atomic
 from rewardkit.ema import EMA
@@ -44,7 +44,9 @@ from rewardkit.errors import RecipeError, TrainingDiverged, UserError, WriteFail
 from rewardkit.images import fixed_noise, generate, optimized_batches, save_grid, save_pngs
 from rewardkit.metrics import MetricsLog, read_metrics
 from rewardkit.options import describe_errors, validate_strict
-from rewardkit.recipe import Evaluation, OptimizerSection, PluginSpec, PromptsSection, Recipe, RunSection, check_plugins, load_recipe
+from rewardkit.generators.base import Rollout
+from rewardkit.recipe import (Evaluation, OptimizerSection, PluginSpec, PolicyGradientSection, PromptsSection, Recipe, RunSection, check_estimators,
+                              check_plugins, load_recipe)
 from rewardkit.rundir import check_run_dir, claim_run_dir, write_json, write_recipe
 
 log = logging.getLogger("rewardkit")
@@ -87,6 +89,7 @@ class Optimizer:
         run: RunSection | Mapping | None = None,
         optimizer: OptimizerSection | Mapping | None = None,
         evaluation: Evaluation | None = None,
+        policy_gradient: PolicyGradientSection | Mapping | None = None,
     ):
         self.generator = generator
         self.rewards = _labelled(rewards, "rewards")
@@ -98,21 +101,20 @@ class Optimizer:
         self.sample_prompts = section.sample or self.prompts[:4]
         self.run = _section(RunSection, run, "run")
         self.optim = _section(OptimizerSection, optimizer, "optimizer")
+        self.policy = _section(PolicyGradientSection, policy_gradient, "policy_gradient")
         self.run_dir = Path(self.run.dir or "runs/rewardkit")
         self.evaluation = evaluation
         self.eval_rewards = _built(_labelled(evaluation.rewards, "eval.rewards"), self.rewards.values()) if evaluation else {}
         if not self.rewards:
             raise UserError("rewards: at least one reward is needed")
-        for label, reward in self.rewards.items():
-            if not reward.differentiable:
-                raise UserError(
-                    f"rewards.{label}: '{reward.name}' is not differentiable, so it cannot be trained on; "
-                    "use it for evaluation only, or pick a differentiable reward"
-                )
+        # the rewards trained by the score-function estimator (GRPO, rewardkit.policy_gradient); the others: pathwise
+        self.score_labels = [label for label, r in self.rewards.items() if r.options.estimator == "score_function"]
         checked = []
         for where, plugins in (("rewards", self.rewards), ("regularizers", self.regularizers), ("eval.rewards", self.eval_rewards)):
             checked += [(f"{where}.{label}", _spec(label, plugin)) for label, plugin in plugins.items()]
-        problems = check_plugins(_spec("generator", generator), checked)
+        generator_spec = _spec("generator", generator)
+        problems = check_plugins(generator_spec, checked) + check_estimators(
+            generator_spec, [_spec(label, r) for label, r in self.rewards.items()], self.policy, self.run)
         if problems:
             raise RecipeError("Optimizer(...)", problems)
 
@@ -137,6 +139,7 @@ class Optimizer:
             run=recipe.run,
             optimizer=recipe.optimizer,
             evaluation=recipe.evaluation,
+            policy_gradient=recipe.policy_gradient,
         )
 
     def recipe(self) -> dict:
@@ -149,6 +152,7 @@ class Optimizer:
             "rewards": {label: r.recipe_table() for label, r in self.rewards.items()},
             "regularizers": {label: r.recipe_table() for label, r in self.regularizers.items()},
             **({"eval": self._eval_table()} if self.evaluation else {}),
+            **({"policy_gradient": self.policy.model_dump(mode="json", exclude_none=True)} if self.score_labels else {}),
         }
 
     def _eval_table(self) -> dict:
@@ -182,25 +186,37 @@ class Optimizer:
         # 1. prompts and noise of the whole update, drawn at once on every process (so accumulation changes
         #    no draw: batch 4 x 4 micro-batches is batch 16); regularizers adjust the sampling options
         n_micro = run.gradient_accumulation_steps
-        prompts, index, noise = self._draw_batch(run.batch_size * n_micro)
+        group = self.policy.group_size if self.score_labels else 1
+        prompts, index, noise = self._draw_batch(run.batch_size * n_micro, group)
         options = self.generator.sample_options().replace(prompt_index=index)
         for reg in self.regularizers.values():
             options = reg.adjust_sampling(options, len(prompts), self.data_rng)
 
-        # 2-4. each micro-batch of run.batch_size (this process's shard of it): generate, score, loss, backward
-        micro = []
-        for m in range(n_micro):
-            with acc.accumulate(self.model):  # gradients add up; DDP / FSDP synchronize at the last micro-batch only
-                micro.append(self._micro_step(*self._shard(prompts, noise, options, m)))
+        # 1b. score-function rewards: sample the whole update once, without gradient, keeping each trajectory and its
+        #     log-probabilities; score it; each sample's advantage within its prompt's group
+        rollouts = self._rollouts(prompts, noise, options) if self.score_labels else [None] * n_micro
 
-        # 5. one optimizer step for the update (skipped, not applied, when any micro-batch was non-finite)
-        applied, param_grad_norm = self._apply_update(all(m["finite"] for m in micro))
-        if applied and self.ema is not None:
-            self.ema.update(self._trainable(), step)
+        # 2-4. each micro-batch of run.batch_size (this process's shard of it): generate, score, loss, backward
+        # 5. one optimizer step for the update (skipped, not applied, when any micro-batch was non-finite); score-
+        #    function rewards may take several on one batch of samples (policy_gradient.updates_per_batch)
+        updates, any_applied = [], False
+        for u in range(self.policy.updates_per_batch if self.score_labels else 1):
+            micro = []
+            for m in range(n_micro):
+                with acc.accumulate(self.model):  # gradients add up; DDP / FSDP synchronize at the last micro-batch only
+                    micro.append(self._micro_step(*self._shard(prompts, noise, options, m), rollouts[m], first=u == 0))
+            applied, param_grad_norm = self._apply_update(all(m["finite"] for m in micro))
+            any_applied = any_applied or applied
+            if applied and self.ema is not None:
+                self.ema.update(self._trainable(), step)
+            updates.append(micro)
+        if any_applied:
+            self.schedule.step()
+        micro = updates[0]  # the rewards' scores and gradients: the first update's; the policy's statistics: the last's
         t4 = self._clock()
 
         # 6. log; at intervals evaluate, draw a grid, checkpoint
-        def mean(key: str, label: str) -> float:
+        def mean(key: str, label: str, micro=micro) -> float:
             return acc.reduce(torch.stack([m[key][label] for m in micro]).mean(), "mean").item()
 
         mean_scores = {label: mean("scores", label) for label in micro[0]["scores"]}
@@ -212,12 +228,14 @@ class Optimizer:
             **{f"penalty/{label}": p.item() for label, p in micro[-1]["penalties"].items()},
             "loss": acc.reduce(torch.stack([m["loss"] for m in micro]).mean(), "mean").item(),
             "param_grad_norm": param_grad_norm,
+            **{f"policy/{key}": mean("policy", key, updates[-1]) for key in updates[-1][0]["policy"]},
             "lr": lr,
-            "skipped": not applied,
+            "skipped": not any_applied,
             **({"grad_scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}),
             "nonfinite_total": self.nonfinite_total,
             "time/step": t4 - t0,
             **{f"time/{phase}": sum(m["time"][phase] for m in micro) for phase in ("generate", "rewards", "backward")},
+            **({"time/rollout": sum(r["time"] for r in rollouts)} if self.score_labels else {}),
             "memory/peak_mb": _peak_memory_mb(acc.device),
         }
         last = step == run.steps
@@ -231,53 +249,103 @@ class Optimizer:
             self._save_checkpoint(step)
         return record
 
-    def _micro_step(self, prompts: list[str], noise: torch.Tensor, options) -> dict:
-        """Steps 2-4 on one micro-batch (this process's shard): its loss's gradient added to the weights' .grad."""
+    def _micro_step(self, prompts: list[str], noise: torch.Tensor, options, rollout: dict | None = None, first: bool = True) -> dict:
+        """Steps 2-4 on one micro-batch (this process's shard): its loss's gradient added to the weights' .grad.
+
+        With score-function rewards, `rollout` is the micro-batch's share of `_rollouts`; the pathwise rewards train
+        on the first update of a batch only (`first`), the policy gradient on every one."""
         acc, clock = self.accelerator, self._clock
+        pathwise = first and len(self.score_labels) < len(self.rewards)
+        scores, grads, grad_norms, loss = {}, {}, {}, None
         # 2. generate with gradient (deep supervision: every supervised step's images, step-major)
         t_gen = clock()
-        with acc.autocast():
-            images = self.model(prompts, noise, options).float()
-        t1 = clock()
-        image_prompts, image_weights = self._image_rows(images, prompts, options)
-
-        # 3. each reward's score and image gradient, on a detached copy of x
-        scores, grads = {}, {}
-        for label, reward in self.rewards.items():
+        if pathwise:
             with acc.autocast():
-                s, grads[label] = reward.score_and_gradient(images.detach(), image_prompts)
-            if s is not None:  # gradient-only rewards have no score
-                scores[label] = s.float()
-        grad_norms = {label: g.flatten(1).norm(dim=1).mean() for label, g in grads.items()}
+                images = self.model(prompts, noise, options).float()
+        t1 = clock()
+
+        # 3. each pathwise reward's score and image gradient, on a detached copy of x
+        if pathwise:
+            image_prompts, image_weights = self._image_rows(images, prompts, options)
+            for label, reward in self.rewards.items():
+                if label in self.score_labels:
+                    continue
+                with acc.autocast():
+                    s, grads[label] = reward.score_and_gradient(images.detach(), image_prompts)
+                if s is not None:  # gradient-only rewards have no score
+                    scores[label] = s.float()
+            grad_norms = {label: g.flatten(1).norm(dim=1).mean() for label, g in grads.items()}
         t2 = clock()
 
-        # 4. transform the gradients; the rewards' loss plus the penalties; backward (a non-finite loss is not)
-        for reg in self.regularizers.values():
-            grads = reg.transform_gradients(grads)
-        loss = self._reward_loss(images, grads, image_weights)
+        # 4. transform the gradients; the rewards' loss (pathwise, then the policy gradient's) plus the penalties;
+        #    backward (a non-finite loss is not)
+        if pathwise:
+            for reg in self.regularizers.values():
+                grads = reg.transform_gradients(grads)
+            loss = self._reward_loss(images, grads, image_weights)
+        policy_loss, policy = None, {}
+        if rollout is not None:
+            steps = tuple(self.policy.steps) if self.policy.steps is not None else tuple(range(rollout["old"].shape[1]))
+            with acc.autocast():  # (float64, as recorded while sampling: the first update's ratio is exactly 1)
+                log_p = self.model(prompts, noise, options.replace(rollout=rollout["rollout"], score_steps=steps))
+            policy_loss, policy = policy_gradient.clipped_surrogate(
+                log_p, rollout["old"][:, list(steps)], rollout["advantages"], self.policy.clip_range, rollout["elements"])
+            policy["loss"] = policy_loss.detach()
+        last_loss = policy_loss if policy_loss is not None else loss
         penalties = {}
         for label, reg in self.regularizers.items():
             p = reg.penalty(self.generator)
             if p is not None:
                 penalties[label] = p.detach()
-                loss = loss + p
+                last_loss = last_loss + p
+        total = last_loss if loss is None or policy_loss is None else loss.detach() + last_loss
         # every process takes the same branch (the decision is all-gathered), or DDP's collectives mismatch
-        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
+        finite = bool(torch.isfinite(total)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
         finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
         t3 = clock()
         # FSDP keeps the gradients of accumulated micro-batches unsharded until the last one's backward reduces them;
         # that backward must run even when the update will be skipped, or they would leak into the next update
         if finite or (self.sharded and self.run.gradient_accumulation_steps > 1):
-            acc.backward(loss)  # divided by the number of micro-batches (accelerate's accumulation)
+            if loss is not None and policy_loss is not None:  # two graphs (two forwards): the first backward does not sync
+                with acc.no_sync(self.model):
+                    acc.backward(loss)
+            acc.backward(last_loss)  # divided by the number of micro-batches (accelerate's accumulation)
+        # the scores of the returned images (deep supervision: of the last supervised step's); the score-function
+        # rewards' are the rollout's
+        scores = {label: s[-len(prompts):].mean() for label, s in scores.items()} | (rollout["scores"] if rollout is not None else {})
         return {
             "finite": finite,
-            "loss": loss.detach(),
-            # the scores of the returned images (deep supervision: of the last supervised step's)
-            "scores": {label: s[-len(prompts):].mean() for label, s in scores.items()},
+            "loss": total.detach(),
+            "scores": scores,
             "grad_norms": grad_norms,
             "penalties": penalties,
+            "policy": policy,
             "time": {"generate": t1 - t_gen, "rewards": t2 - t1, "backward": clock() - t3},
         }
+
+    def _rollouts(self, prompts: list[str], noise: torch.Tensor, options) -> list[dict]:
+        """Step 1b: each micro-batch sampled without gradient (this process's shard), its trajectories and their
+        log-probabilities kept (whole chains: R0+'s supervision is for the pathwise pass), scored by the score-function
+        rewards; then the advantages of the whole update, from every process's scores (so they do not depend on how
+        the batch is split), handed back per micro-batch: {rollout, old, elements, advantages, scores, time}."""
+        acc, B, t0 = self.accelerator, self.run.batch_size, self._clock()
+        sampling = options.replace(supervise_step=None, grad_steps=None, deep_supervision=None, deep_supervision_weights=None)
+        parts, weighted = [], []
+        for m in range(self.run.gradient_accumulation_steps):
+            p, z, o = self._shard(prompts, noise, sampling, m)
+            rollout = Rollout()
+            with torch.no_grad(), acc.autocast():
+                images = self.model(p, z, o.replace(rollout=rollout)).float()
+                local = {label: self.rewards[label](images, p).float() for label in self.score_labels}
+            whole = {label: acc.gather(s) for label, s in local.items()}  # the micro-batch's B rows, in order
+            weighted.append(sum(self.rewards[label].weight * whole[label] for label in self.score_labels))
+            parts.append({"rollout": rollout, "old": torch.stack(rollout.log_probs, 1), "elements": z[0].numel(),
+                          "scores": {label: s.mean() for label, s in whole.items()}})
+        advantages = policy_gradient.group_advantages(torch.cat(weighted), self.policy.group_size, self.policy.standardize,
+                                                      self.policy.advantage_clip)
+        shard = distributed.batch_shard(acc.process_index, acc.num_processes, B)
+        t = self._clock() - t0
+        return [part | {"advantages": advantages[m * B : (m + 1) * B][shard], "time": t / len(parts)} for m, part in enumerate(parts)]
 
     def _reward_loss(self, images: torch.Tensor, grads: dict[str, torch.Tensor], image_weights: torch.Tensor) -> torch.Tensor:
         """How the rewards' signal reaches the generator: the pathwise estimator (R0).
@@ -287,7 +355,7 @@ class Optimizer:
         carries it through the generator by the chain rule. `image_weights`
         holds the 1 / B (deep supervision: the step's weight / B) of each image.
         """
-        g = sum(self.rewards[label].weight * grads[label] for label in self.rewards)
+        g = sum(self.rewards[label].weight * grads[label] for label in self.rewards if label in grads)
         return -(image_weights * (g.detach() * images).flatten(1).sum(1)).sum()
 
     def _image_rows(self, images: torch.Tensor, prompts: list[str], options) -> tuple[list[str], torch.Tensor]:
@@ -323,8 +391,6 @@ class Optimizer:
                 if finite:
                     optim.step()
                     applied = True
-        if applied:
-            self.schedule.step()
         if finite:
             self.consecutive_bad = 0
         else:
@@ -597,12 +663,14 @@ class Optimizer:
                 "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN."
             )
 
-    def _draw_batch(self, batch_size: int):
-        n = len(self.prompts)
-        if batch_size <= n:
-            idx = torch.randperm(n, generator=self.data_rng)[:batch_size]
+    def _draw_batch(self, batch_size: int, group: int = 1):
+        """batch_size samples: batch_size / group prompts, each `group` times in a row, and a noise per sample."""
+        n, n_prompts = len(self.prompts), batch_size // group
+        if n_prompts <= n:
+            idx = torch.randperm(n, generator=self.data_rng)[:n_prompts]
         else:
-            idx = torch.randint(n, (batch_size,), generator=self.data_rng)
+            idx = torch.randint(n, (n_prompts,), generator=self.data_rng)
+        idx = idx.repeat_interleave(group) if group > 1 else idx
         noise = torch.randn((batch_size, *self.generator.noise_shape()), generator=self.data_rng)
         return [self.prompts[i] for i in idx.tolist()], idx, noise
 

@@ -7,8 +7,9 @@ it never imports or executes code. Layout::
     [prompts]        training prompts (inline or a file) and the fixed grid prompts
     [generator]      type = "<generator plugin>", then its options
     [optimizer]      torch optimizer and learning-rate schedule
-    [rewards.LABEL]  one table per reward; type defaults to LABEL; `weight` and its options
+    [rewards.LABEL]  one table per reward; type defaults to LABEL; `weight`, `estimator` and its options
     [regularizers.LABEL]  likewise, applied in the order written
+    [policy_gradient]     GRPO's settings, for rewards with estimator = "score_function"
 
 Every problem found is reported at once, each naming the file and the
 dotted key, with a close match for misspelled keys and plugin names.
@@ -96,6 +97,32 @@ class OptimizerSection(_Section):
     """Where the average lives: next to the weights, or in CPU memory (saves accelerator memory, costs a copy per step)."""
 
 
+class PolicyGradientSection(_Section):
+    """[policy_gradient]: how rewards with estimator = 'score_function' train (GRPO; rewardkit.policy_gradient)."""
+
+    group_size: PositiveInt = 4
+    """G: samples of each prompt in a batch; advantages are taken within each prompt's group."""
+    standardize: Literal["group", "global"] = "group"
+    """The advantage's scale: the group's reward standard deviation ('group'), or the whole batch's ('global');
+    the group's mean is subtracted either way."""
+    advantage_clip: PositiveFloat = 5.0
+    """Advantages are clipped to +- this."""
+    updates_per_batch: PositiveInt = 1
+    """Optimizer updates on each batch of samples: the first at an importance ratio of 1, later ones clipped."""
+    clip_range: PositiveFloat = 1e-4
+    """epsilon of the clipped per-element importance ratio (Flow-GRPO's 1e-4)."""
+    steps: list[NonNegativeInt] | None = None
+    """The sampler's updates (0 .. K-2) trained by the policy gradient: a window or a subset (MixGRPO,
+    Flow-GRPO-Fast); None: every update."""
+
+    @field_validator("steps")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("steps must list distinct updates (0 .. K-2), at least one")
+        return v
+
+
 class _PluginTable(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str | None = None
@@ -127,6 +154,7 @@ class _RecipeModel(_Section):
     rewards: dict[str, _PluginTable] = Field(min_length=1)
     regularizers: dict[str, _PluginTable] = Field(default_factory=dict)
     eval: EvalSection | None = None
+    policy_gradient: PolicyGradientSection = Field(default_factory=PolicyGradientSection)
 
     @model_validator(mode="after")
     def _generator_has_type(self):
@@ -160,6 +188,7 @@ class Recipe:
     rewards: list[PluginSpec]
     regularizers: list[PluginSpec] = field(default_factory=list)
     evaluation: "Evaluation | None" = None
+    policy_gradient: PolicyGradientSection = field(default_factory=PolicyGradientSection)
 
 
 @dataclass
@@ -291,7 +320,7 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         if model.eval is not None:
             checked += [(f"eval.rewards.{s.label}", s) for s in eval_rewards]
             evaluation = Evaluation(eval_prompts, eval_rewards, ev.every, ev.n_per_prompt, ev.seed)
-        problems = check_plugins(generator, checked)
+        problems = check_plugins(generator, checked) + check_estimators(generator, rewards, model.policy_gradient, model.run)
     if problems:
         raise RecipeError(label, problems)
 
@@ -300,7 +329,39 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         stem = Path(label).stem if label != "<dict>" else "rewardkit"
         run = run.model_copy(update={"dir": f"runs/{stem}"})
     sample = model.prompts.sample if model.prompts.sample else prompts[:4]
-    return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers, evaluation)
+    return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers, evaluation, model.policy_gradient)
+
+
+def check_estimators(generator: PluginSpec, rewards: Sequence[PluginSpec], section: PolicyGradientSection, run: RunSection) -> list[str]:
+    """Each training reward's estimator against what it can do and what the generator gives (lines naming the key):
+    a non-differentiable reward cannot train pathwise; score-function rewards need a stochastic sampler (at least
+    one update between two steps), trained weights, and batches of whole groups."""
+    out = [
+        f"rewards.{s.label}: '{s.cls.name}' is not differentiable, so it cannot be trained on pathwise; set "
+        f"rewards.{s.label}.estimator = 'score_function' (a policy gradient), or use it for evaluation only"
+        for s in rewards if not s.cls.differentiable and s.options.estimator == "pathwise"
+    ]
+    labels = [s.label for s in rewards if s.options.estimator == "score_function"]
+    if not labels:
+        return out
+    gen, where = generator.cls, f"rewards.{labels[0]}.estimator = 'score_function'"
+    if not getattr(gen, "supports_score_function", False):
+        return out + [f"{where}: generator '{gen.name}' has no stochastic sampler whose transition log-probabilities it "
+                      "can give; use a diffusion generator (sd, sdxl, sd3, flux, zimage, testbed)"]
+    steps = gen.planned_steps(generator.options)
+    if steps is not None and steps < 2:
+        out.append(f"{where} needs at least 2 sampler steps (a stochastic update between them); generator.num_steps = {steps}")
+    if gen.planned_noise_optimization(generator.options):
+        out.append(f"{where} trains the weights through the sampler's transitions; with generator.training = 'noise' "
+                   "nothing it reaches is trained: use 'lora' or 'full'")
+    total = run.batch_size * run.gradient_accumulation_steps
+    if total % section.group_size:
+        out.append(f"policy_gradient.group_size = {section.group_size} does not divide the update's {total} samples "
+                   "(run.batch_size x run.gradient_accumulation_steps); make the batch a multiple of it")
+    if steps is not None and section.steps is not None and [k for k in section.steps if k > steps - 2]:
+        out.append(f"policy_gradient.steps {[k for k in section.steps if k > steps - 2]}: the updates of a {steps}-step "
+                   f"sampler are 0 .. {steps - 2}")
+    return out
 
 
 def check_plugins(generator: PluginSpec, plugins: Sequence[tuple[str, PluginSpec]]) -> list[str]:

@@ -272,6 +272,11 @@ class DiffusionGenerator(Generator):
         if self.options.training == "noise":
             noise = self._noise_slots.lookup(self.noise_table, prompts, noise, options.prompt_index)
         rollout = options.rollout
+        if rollout is not None:
+            K = options.num_steps or self.options.num_steps
+            if K > 1 and bool((sampler.eta_matrix(options.eta, len(noise), K, noise.device)[:, : K - 1] <= 0).any()):
+                raise UserError("the score-function estimator needs eta above 0 at every update of the sampler (its updates "
+                                "must be Gaussians): set generator.eta > 0, or regularizers.random_eta.low > 0")
         x0 = self.sample_latents(prompts, noise, options, trajectory=None if rollout is None else rollout.trajectory,
                                  log_probs=None if rollout is None else rollout.log_probs)
         return self.decode(x0)

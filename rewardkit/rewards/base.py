@@ -30,6 +30,10 @@ class RewardOptions(PluginOptions):
 
     weight: float = 1.0
     """Weight w_i of this reward in the combined objective."""
+    estimator: Literal["pathwise", "score_function"] = "pathwise"
+    """How the reward's signal reaches the generator: 'pathwise' through its image gradient (R0; the reward must be
+    differentiable), 'score_function' through the sampler's transition log-probabilities (GRPO, [policy_gradient];
+    any reward, differentiable or not)."""
 
 
 class Reward(Configurable, torch.nn.Module):

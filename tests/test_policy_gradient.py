@@ -1,0 +1,142 @@
+"""The score-function estimator (GRPO, rewardkit/policy_gradient.py) and its place in the optimizer's loop.
+
+The maths against hand computations (group advantages, the clipped surrogate's
+gradient); on the testbed: the first update's importance ratio is exactly 1, a
+second update on the same samples is off-policy, one update raises the
+log-probability of the trajectories that scored above their group; a recipe
+whose rewards are all pathwise never runs any of it; bad settings exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardkit import policy_gradient
+from rewardkit.errors import RecipeError, UserError
+from rewardkit.optimizer import Optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+
+
+def test_group_advantages_standardize_within_each_group():
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.5, 1.5, 0.5, 1.5])
+    adv = policy_gradient.group_advantages(scores, 4)
+    g0 = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (torch.tensor([1.0, 0, 0, 0]).std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(adv[:4], g0)
+    assert torch.equal(adv[4:8], torch.zeros(4))  # a group whose samples all score alike teaches nothing
+    torch.testing.assert_close(adv[8:], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (0.5 + 1e-4))
+    wide = policy_gradient.group_advantages(scores, 4, standardize="global")  # the group's mean, the batch's spread
+    torch.testing.assert_close(wide[8:], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (scores.std(unbiased=False) + 1e-4))
+    assert policy_gradient.group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, clip=1.0)[0] == 1.0
+    with pytest.raises(ValueError, match="multiple of the group size 4"):
+        policy_gradient.group_advantages(scores[:6], 4)
+
+
+def test_the_clipped_surrogates_gradient_is_the_policy_gradient_inside_the_clip_and_zero_outside():
+    """d loss / d log p_i = -A_i rho_i / (B S d) where rho_i is inside [1 - eps, 1 + eps] or clipping would raise the
+    objective (min picks the unclipped term), 0 where the clipped term is the smaller one."""
+    d, eps = 10, 0.01
+    old = torch.zeros(4, 1, dtype=torch.float64)
+    log_p = torch.tensor([[0.0], [0.05], [0.5], [-0.5]], dtype=torch.float64, requires_grad=True)  # rho: 1, 1.005, 1.051, 0.951
+    adv = torch.tensor([1.0, -2.0, 1.0, 1.0])
+    loss, stats = policy_gradient.clipped_surrogate(log_p, old, adv, eps, d)
+    (g,) = torch.autograd.grad(loss, log_p)
+    rho = torch.exp(log_p.detach() / d)[:, 0]
+    expected = -adv.double() * rho / (4 * d)
+    expected[2] = 0.0  # rho above 1 + eps with A > 0: the clipped term is the minimum, its gradient zero
+    torch.testing.assert_close(g[:, 0], expected)  # (row 3: rho below 1 - eps with A > 0 keeps the unclipped term)
+    assert float(stats["clipped"]) == 0.5
+
+
+def grpo_recipe(tmp_path, **policy):
+    return {
+        "run": {"steps": 1, "batch_size": 8, "dir": str(tmp_path / "run"), "trackers": [], "progress": False, "seed": 0},
+        "prompts": {"train": PROMPTS},
+        "generator": {"type": "testbed", "num_steps": 3, "eta": 0.7, "training": "lora", "lora_rank": 4},
+        "optimizer": {"lr": 1e-2},
+        "rewards": {"digit_classifier": {"estimator": "score_function"}},
+        "policy_gradient": {"group_size": 4, **policy},
+    }
+
+
+def metrics(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_first_update_is_on_policy_and_a_second_one_is_not(tmp_path):
+    Optimizer.from_recipe(grpo_recipe(tmp_path)).fit()
+    first = metrics(tmp_path)[-1]
+    assert first["policy/ratio"] == 1.0 and first["policy/clipped"] == 0.0  # recomputed bit for bit
+    assert first["reward/digit_classifier"] < 0 and not first["skipped"]
+
+    Optimizer.from_recipe(grpo_recipe(tmp_path / "again", updates_per_batch=2)).fit()
+    second = metrics(tmp_path / "again")[-1]
+    assert second["policy/ratio"] != 1.0 and second["policy/clipped"] > 0  # the same samples, moved weights
+
+
+def test_one_update_raises_the_log_probability_of_the_better_trajectories(tmp_path):
+    """After one GRPO step (plain SGD), sum_i A_i (log p_new(tau_i) - log p_old(tau_i)) > 0 over the batch it learned
+    from: the step moves the policy towards the samples that scored above their group."""
+    from rewardkit.testbed.plugins import DigitClassifier
+
+    opt = Optimizer.from_recipe(grpo_recipe(tmp_path) | {"optimizer": {"name": "sgd", "lr": 0.5}})
+    seen, original = {}, opt._rollouts
+
+    def keep(prompts, noise, options):
+        with torch.no_grad():  # the batch's images and rewards, apart from the optimizer: the advantages by hand
+            scores = DigitClassifier()(opt.generator(prompts, noise, options), prompts).view(-1, 4)
+        advantages = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+        seen.update(prompts=prompts, noise=noise, options=options, advantages=advantages, part=original(prompts, noise, options)[0])
+        return [seen["part"]]
+
+    opt._rollouts = keep
+    opt.fit()
+    part, gen = seen["part"], opt.generator
+    assert seen["prompts"][:4] == [seen["prompts"][0]] * 4  # a group: one prompt, four samples
+    with torch.no_grad():
+        new = gen(seen["prompts"], seen["noise"], seen["options"].replace(rollout=part["rollout"], score_steps=(0, 1)))
+    moved = new - part["old"]
+    gain = (seen["advantages"].double() * moved.sum(1)).sum()
+    assert moved.abs().max() > 0 and gain > 0
+
+
+def test_the_testbed_grpo_recipe_trains(tmp_path):
+    overrides = [f"run.dir='{tmp_path / 'run'}'", "run.steps=1", "run.batch_size=8", "policy_gradient.group_size=4",
+                 "run.trackers=[]", "run.progress=false", "run.sample_every=0", "run.checkpoint_every=0"]
+    result = Optimizer.from_recipe(REPO / "recipes" / "grpo_testbed.toml", overrides).fit()
+    record = metrics(tmp_path)[-1]
+    assert result.step == 1 and record["policy/ratio"] == 1.0 and 0 <= record["reward/digit_correct"] <= 1
+
+
+def test_a_pathwise_recipe_never_runs_the_policy_gradient(tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the policy-gradient code ran for a pathwise-only recipe")
+
+    monkeypatch.setattr(Optimizer, "_rollouts", forbidden)
+    monkeypatch.setattr(policy_gradient, "clipped_surrogate", forbidden)
+    recipe = grpo_recipe(tmp_path)
+    recipe["rewards"] = {"digit_classifier": {}}
+    Optimizer.from_recipe(recipe).fit()
+    record = metrics(tmp_path)[-1]
+    assert not [k for k in record if k.startswith("policy/")] and "policy_gradient" not in (tmp_path / "run" / "recipe.toml").read_text()
+
+
+def test_settings_it_cannot_train_with_are_refused_naming_the_key(tmp_path):
+    recipe = grpo_recipe(tmp_path)
+    for change, message in [
+        ({"policy_gradient": {"group_size": 3}}, "policy_gradient.group_size = 3 does not divide the update's 8 samples"),
+        ({"policy_gradient": {"steps": [2]}}, r"policy_gradient.steps \[2\]: the updates of a 3-step sampler are 0 .. 1"),
+        ({"generator": recipe["generator"] | {"num_steps": 1}}, "needs at least 2 sampler steps"),
+        ({"generator": recipe["generator"] | {"training": "noise"}}, "with generator.training = 'noise' nothing it reaches is trained"),
+        ({"generator": {"type": "pixels", "height": 8, "width": 8}}, "generator 'pixels' has no stochastic sampler"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            Optimizer.from_recipe(recipe | change)
+    zero_eta = recipe | {"generator": recipe["generator"] | {"eta": 0.0}}
+    with pytest.raises(UserError, match="needs eta above 0 at every update of the sampler"):
+        Optimizer.from_recipe(zero_eta).fit()
