@@ -114,7 +114,9 @@ class Optimizer:
             checked += [(f"{where}.{label}", _spec(label, plugin)) for label, plugin in plugins.items()]
         generator_spec = _spec("generator", generator)
         problems = check_plugins(generator_spec, checked) + check_estimators(
-            generator_spec, [_spec(label, r) for label, r in self.rewards.items()], self.policy, self.run)
+            generator_spec, [_spec(label, r) for label, r in self.rewards.items()], self.policy, self.run,
+            [_spec(label, r) for label, r in self.regularizers.items()],
+            differentiable={label: r.differentiable for label, r in self.rewards.items()})  # (an instance may say)
         if problems:
             raise RecipeError("Optimizer(...)", problems)
 
@@ -199,19 +201,24 @@ class Optimizer:
         # 2-4. each micro-batch of run.batch_size (this process's shard of it): generate, score, loss, backward
         # 5. one optimizer step for the update (skipped, not applied, when any micro-batch was non-finite); score-
         #    function rewards may take several on one batch of samples (policy_gradient.updates_per_batch)
-        updates, any_applied = [], False
+        updates, applied, finite = [], [], []
         for u in range(self.policy.updates_per_batch if self.score_labels else 1):
             micro = []
             for m in range(n_micro):
                 with acc.accumulate(self.model):  # gradients add up; DDP / FSDP synchronize at the last micro-batch only
                     micro.append(self._micro_step(*self._shard(prompts, noise, options, m), rollouts[m], first=u == 0))
-            applied, param_grad_norm = self._apply_update(all(m["finite"] for m in micro))
-            any_applied = any_applied or applied
-            if applied and self.ema is not None:
-                self.ema.update(self._trainable(), step)
+            was_applied, was_finite, param_grad_norm = self._apply_update(all(m["finite"] for m in micro))
             updates.append(micro)
-        if any_applied:
+            applied.append(was_applied)
+            finite.append(was_finite)
+        # the step's bookkeeping, once per step whatever the number of updates: the weights' average, the learning
+        # rate, the NaN guard (it counts steps with a non-finite update; the total counts updates)
+        if any(applied) and self.ema is not None:
+            self.ema.update(self._trainable(), step)
+        if any(applied):
             self.schedule.step()
+        self.nonfinite_total += finite.count(False)
+        self.consecutive_bad = 0 if all(finite) else self.consecutive_bad + 1
         micro = updates[0]  # the rewards' scores and gradients: the first update's; the policy's statistics: the last's
         t4 = self._clock()
 
@@ -230,7 +237,8 @@ class Optimizer:
             "param_grad_norm": param_grad_norm,
             **{f"policy/{key}": mean("policy", key, updates[-1]) for key in updates[-1][0]["policy"]},
             "lr": lr,
-            "skipped": not any_applied,
+            "skipped": not any(applied),
+            **({"policy/skipped_updates": applied.count(False)} if self.score_labels else {}),
             **({"grad_scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}),
             "nonfinite_total": self.nonfinite_total,
             "time/step": t4 - t0,
@@ -298,7 +306,7 @@ class Optimizer:
             if p is not None:
                 penalties[label] = p.detach()
                 last_loss = last_loss + p
-        total = last_loss if loss is None or policy_loss is None else loss.detach() + last_loss
+        total = last_loss if loss is None or policy_loss is None else loss + last_loss
         # every process takes the same branch (the decision is all-gathered), or DDP's collectives mismatch
         finite = bool(torch.isfinite(total)) and all(bool(torch.isfinite(s).all()) for s in scores.values())
         finite = bool(acc.gather(torch.tensor([finite], device=acc.device)).all())
@@ -306,10 +314,9 @@ class Optimizer:
         # FSDP keeps the gradients of accumulated micro-batches unsharded until the last one's backward reduces them;
         # that backward must run even when the update will be skipped, or they would leak into the next update
         if finite or (self.sharded and self.run.gradient_accumulation_steps > 1):
-            if loss is not None and policy_loss is not None:  # two graphs (two forwards): the first backward does not sync
-                with acc.no_sync(self.model):
-                    acc.backward(loss)
-            acc.backward(last_loss)  # divided by the number of micro-batches (accelerate's accumulation)
+            # one backward through both graphs (pathwise and policy): DDP decides in forward whether to synchronize,
+            # so a second backward would not be reduced
+            acc.backward(last_loss if loss is None or policy_loss is None else loss + last_loss)  # / micro-batches
         # the scores of the returned images (deep supervision: of the last supervised step's); the score-function
         # rewards' are the rollout's
         scores = {label: s[-len(prompts):].mean() for label, s in scores.items()} | (rollout["scores"] if rollout is not None else {})
@@ -372,8 +379,8 @@ class Optimizer:
         weights = torch.tensor(weights, dtype=torch.float32, device=images.device).repeat_interleave(len(prompts)) / len(prompts)
         return list(prompts) * len(steps), weights
 
-    def _apply_update(self, finite: bool) -> tuple[bool, float]:
-        """The optimizer step on the accumulated gradients unless the update is non-finite: (applied, gradient norm).
+    def _apply_update(self, finite: bool) -> tuple[bool, bool, float]:
+        """The optimizer step on the accumulated gradients unless the update is non-finite: (applied, finite, gradient norm).
 
         `finite` is the same on every process (each micro-batch's decision was all-gathered).
         """
@@ -391,13 +398,8 @@ class Optimizer:
                 if finite:
                     optim.step()
                     applied = True
-        if finite:
-            self.consecutive_bad = 0
-        else:
-            self.consecutive_bad += 1
-            self.nonfinite_total += 1
         optim.zero_grad(set_to_none=True)
-        return applied, param_grad_norm
+        return applied, finite, param_grad_norm
 
     def _clock(self) -> float:
         """time.perf_counter(), after the device has finished its queued work (CUDA runs asynchronously:

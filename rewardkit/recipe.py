@@ -100,8 +100,9 @@ class OptimizerSection(_Section):
 class PolicyGradientSection(_Section):
     """[policy_gradient]: how rewards with estimator = 'score_function' train (GRPO; rewardkit.policy_gradient)."""
 
-    group_size: PositiveInt = 4
-    """G: samples of each prompt in a batch; advantages are taken within each prompt's group."""
+    group_size: int = Field(default=4, ge=2)
+    """G: samples of each prompt in a batch; advantages are taken within each prompt's group (a group of one has
+    nothing to be compared with)."""
     standardize: Literal["group", "global"] = "group"
     """The advantage's scale: the group's reward standard deviation ('group'), or the whole batch's ('global');
     the group's mean is subtracted either way."""
@@ -320,7 +321,10 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
         if model.eval is not None:
             checked += [(f"eval.rewards.{s.label}", s) for s in eval_rewards]
             evaluation = Evaluation(eval_prompts, eval_rewards, ev.every, ev.n_per_prompt, ev.seed)
-        problems = check_plugins(generator, checked) + check_estimators(generator, rewards, model.policy_gradient, model.run)
+        problems = check_plugins(generator, checked) + check_estimators(generator, rewards, model.policy_gradient, model.run, regularizers)
+        if "policy_gradient" in data and not any(s.options.estimator == "score_function" for s in rewards):
+            problems.append("policy_gradient: set, but no reward trains with it: give one rewards.LABEL.estimator = "
+                            "'score_function', or remove the table")
     if problems:
         raise RecipeError(label, problems)
 
@@ -332,18 +336,22 @@ def load_recipe(source: str | Path | Mapping | None = None, overrides: Sequence[
     return Recipe(label, run, prompts, sample, model.optimizer, generator, rewards, regularizers, evaluation, model.policy_gradient)
 
 
-def check_estimators(generator: PluginSpec, rewards: Sequence[PluginSpec], section: PolicyGradientSection, run: RunSection) -> list[str]:
+def check_estimators(generator: PluginSpec, rewards: Sequence[PluginSpec], section: PolicyGradientSection | None, run: RunSection,
+                     regularizers: Sequence[PluginSpec] = (), differentiable: Mapping[str, bool] | None = None) -> list[str]:
     """Each training reward's estimator against what it can do and what the generator gives (lines naming the key):
     a non-differentiable reward cannot train pathwise; score-function rewards need a stochastic sampler (at least
-    one update between two steps), trained weights, and batches of whole groups."""
+    one update between two steps, eta above 0), trained weights, and batches of whole groups. `section` None: the
+    recipe has no [policy_gradient] table (the defaults apply); `differentiable`: by label, where built rewards say."""
+    differentiable = differentiable or {}
     out = [
         f"rewards.{s.label}: '{s.cls.name}' is not differentiable, so it cannot be trained on pathwise; set "
         f"rewards.{s.label}.estimator = 'score_function' (a policy gradient), or use it for evaluation only"
-        for s in rewards if not s.cls.differentiable and s.options.estimator == "pathwise"
+        for s in rewards if not differentiable.get(s.label, s.cls.differentiable) and s.options.estimator == "pathwise"
     ]
     labels = [s.label for s in rewards if s.options.estimator == "score_function"]
     if not labels:
         return out
+    section = section or PolicyGradientSection()
     gen, where = generator.cls, f"rewards.{labels[0]}.estimator = 'score_function'"
     if not getattr(gen, "supports_score_function", False):
         return out + [f"{where}: generator '{gen.name}' has no stochastic sampler whose transition log-probabilities it "
@@ -358,6 +366,10 @@ def check_estimators(generator: PluginSpec, rewards: Sequence[PluginSpec], secti
     if total % section.group_size:
         out.append(f"policy_gradient.group_size = {section.group_size} does not divide the update's {total} samples "
                    "(run.batch_size x run.gradient_accumulation_steps); make the batch a multiple of it")
+    random_eta = [r for r in regularizers if r.cls.name == "random_eta"]
+    if getattr(generator.options, "eta", None) == 0 and not (random_eta and random_eta[0].options.high > 0):
+        out.append(f"{where} samples with the policy's noise, so the sampler's eta must be above 0 at every update: set "
+                   "generator.eta > 0 (e.g. 0.7), or add [regularizers.random_eta] with high > 0")
     if steps is not None and section.steps is not None and [k for k in section.steps if k > steps - 2]:
         out.append(f"policy_gradient.steps {[k for k in section.steps if k > steps - 2]}: the updates of a {steps}-step "
                    f"sampler are 0 .. {steps - 2}")

@@ -18,6 +18,8 @@ import torch
 from rewardkit import policy_gradient
 from rewardkit.errors import RecipeError, UserError
 from rewardkit.optimizer import Optimizer
+from rewardkit.plugins import load_registry
+from rewardkit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
@@ -121,6 +123,7 @@ def test_a_pathwise_recipe_never_runs_the_policy_gradient(tmp_path, monkeypatch)
     monkeypatch.setattr(policy_gradient, "clipped_surrogate", forbidden)
     recipe = grpo_recipe(tmp_path)
     recipe["rewards"] = {"digit_classifier": {}}
+    del recipe["policy_gradient"]
     Optimizer.from_recipe(recipe).fit()
     record = metrics(tmp_path)[-1]
     assert not [k for k in record if k.startswith("policy/")] and "policy_gradient" not in (tmp_path / "run" / "recipe.toml").read_text()
@@ -137,6 +140,57 @@ def test_settings_it_cannot_train_with_are_refused_naming_the_key(tmp_path):
     ]:
         with pytest.raises(RecipeError, match=message):
             Optimizer.from_recipe(recipe | change)
-    zero_eta = recipe | {"generator": recipe["generator"] | {"eta": 0.0}}
-    with pytest.raises(UserError, match="needs eta above 0 at every update of the sampler"):
-        Optimizer.from_recipe(zero_eta).fit()
+    for change, message in [
+        ({"generator": recipe["generator"] | {"eta": 0.0}}, "the sampler's eta must be above 0 at every update"),
+        ({"policy_gradient": {"group_size": 1}}, "policy_gradient.group_size: .*greater than or equal to 2"),
+        ({"rewards": {"digit_classifier": {}}}, "policy_gradient: set, but no reward trains with it"),
+        ({"rewards": {"classifier_free_guidance": {"estimator": "score_function"}}}, "gradient, not a score, so it trains pathwise only"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(recipe | change, registry=load_registry())
+    random_eta = recipe | {"generator": recipe["generator"] | {"eta": 0.0}, "regularizers": {"random_eta": {"low": 0.5}}}
+    load_recipe(random_eta, registry=load_registry())  # the regularizer's eta is the policy's
+
+
+def test_a_built_reward_that_says_it_is_not_differentiable_is_refused_pathwise():
+    from rewardkit.generators.pixels import Pixels
+    from rewardkit.rewards.color import Color
+
+    judge = Color()
+    judge.differentiable = False  # per instance, as rewardkit-pyiqa's metrics say it
+    with pytest.raises(UserError, match="rewards.judge: 'color' is not differentiable, so it cannot be trained on pathwise"):
+        Optimizer(generator=Pixels(height=8, width=8), rewards={"judge": judge}, prompts=["x"], run={"steps": 1})
+
+
+def test_groups_split_over_micro_batches_get_the_advantages_of_the_whole_group(tmp_path):
+    """run.batch_size 2 x 2 micro-batches, groups of 4: each group spans both micro-batches; the advantages the
+    optimizer trains with are those computed by hand from the whole update's rewards, in order."""
+    from rewardkit.testbed.plugins import DigitClassifier
+
+    recipe = grpo_recipe(tmp_path)
+    recipe["run"] |= {"batch_size": 2, "gradient_accumulation_steps": 2}
+    opt = Optimizer.from_recipe(recipe)
+    seen, original = {}, opt._rollouts
+
+    def keep(prompts, noise, options):
+        with torch.no_grad():
+            scores = DigitClassifier()(opt.generator(prompts, noise, options), prompts).view(-1, 4)
+        seen["expected"] = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+        seen["parts"] = original(prompts, noise, options)
+        return seen["parts"]
+
+    opt._rollouts = keep
+    opt.fit()
+    got = torch.cat([part["advantages"] for part in seen["parts"]])
+    assert len(seen["parts"]) == 2 and len(got) == 4
+    torch.testing.assert_close(got, seen["expected"], rtol=1e-5, atol=1e-5)
+
+
+def test_pathwise_and_score_function_rewards_train_in_one_step(tmp_path):
+    recipe = grpo_recipe(tmp_path)
+    recipe["rewards"] = {"digit_prototype": {}, "digit_correct": {"estimator": "score_function", "weight": 2.0}}
+    Optimizer.from_recipe(recipe).fit()
+    record = metrics(tmp_path)[-1]
+    assert not record["skipped"] and record["policy/ratio"] == 1.0
+    assert record["grad_norm/digit_prototype"] > 0 and 0 <= record["reward/digit_correct"] <= 1
+    assert record["reward/total"] == pytest.approx(record["reward/digit_prototype"] + 2.0 * record["reward/digit_correct"])

@@ -119,7 +119,7 @@ def test_low_layers_import_nothing_above_them(module, allowed):
 
 
 BASE = {"rewardkit", "rewardkit.errors", "rewardkit.options", "rewardkit.hookspecs", "rewardkit.lazy", "rewardkit.images", "rewardkit.sampler",
-        "rewardkit.distributed", "rewardkit.checkpoint", "rewardkit.hub", "rewardkit.prompts", "rewardkit.durable"}
+        "rewardkit.distributed", "rewardkit.checkpoint", "rewardkit.hub", "rewardkit.prompts", "rewardkit.durable", "rewardkit.policy_gradient"}
 
 
 def plugin_layer(module: str) -> bool:

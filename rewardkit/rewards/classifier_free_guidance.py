@@ -62,6 +62,8 @@ class ClassifierFreeGuidance(Reward):
 
         if where.startswith("eval"):
             return [f"{where}: classifier_free_guidance gives an image gradient, not a score, so it cannot evaluate; use it under [rewards]"]
+        if options.estimator == "score_function":
+            return [f"{where}.estimator: classifier_free_guidance gives an image gradient, not a score, so it trains pathwise only"]
         if not issubclass(generator.cls, DiffusionGenerator):
             return [f"{where}: classifier_free_guidance needs a diffusion generator (sd, sd3, testbed) whose base model guides; '{generator.cls.name}' has none"]
         own = options.negative_prompt

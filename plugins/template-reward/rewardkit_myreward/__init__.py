@@ -35,7 +35,7 @@ class MyReward(Reward):
     name = "myreward"  # the name recipes use: [rewards.myreward] or type = "myreward"
     Options = MyRewardOptions
     input_size = None  # (H, W) your model wants, if fixed; informational
-    differentiable = True  # False: usable for evaluation only, never for training
+    differentiable = True  # False: for evaluation, and for training with estimator = 'score_function' only
 
     def __init__(self, **options):
         super().__init__(**options)  # validates options into self.options
