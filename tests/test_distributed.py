@@ -190,3 +190,29 @@ def test_bad_multi_node_settings_exit_2(tmp_path, write_recipe, capsys):
                           (["--num-machines", "3", "--main-process-ip", "127.0.0.1"], "run.batch_size = 4 does not divide evenly over 3 processes")):
         assert main(["run", path, *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_policy_gradient_next_to_a_pathwise_reward_equals_one_process(tmp_path, write_recipe):
+    """Mixed estimators over 2 processes: groups of 4 spread over both, the advantages from both processes' scores,
+    the pathwise and policy terms reduced together (SGD: an unreduced term would move the processes apart)."""
+    def mixed(run_dir):
+        return {
+            "run": {"dir": str(run_dir), "steps": 2, "batch_size": 8, "trackers": [], "progress": False, "checkpoint_every": 2},
+            "prompts": {"train": [f"a handwritten digit {d}" for d in range(6)]},
+            "generator": {"type": "testbed", "num_steps": 2, "eta": 0.7, "training": "lora", "lora_rank": 4, "report": False},
+            "optimizer": {"name": "sgd", "lr": 0.5},
+            "rewards": {"digit_prototype": {}, "digit_classifier": {"estimator": "score_function"}},
+            "policy_gradient": {"group_size": 4},
+        }
+
+    Optimizer.from_recipe(mixed(tmp_path / "one")).fit()
+    proc = run_cli("run", str(write_recipe(mixed(tmp_path / "two"))), "--num-processes", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one = load_file(tmp_path / "one" / "checkpoints" / "step_000002" / "generator.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoints" / "step_000002" / "generator.safetensors")
+    start = Optimizer.from_recipe(mixed(tmp_path / "x"))
+    start.generator.setup(start.prompts, 0)
+    initial = {n: p.detach() for n, p in start.generator.named_parameters() if p.requires_grad}
+    assert max(float((one[n] - initial[n]).abs().max()) for n in one) > 1e-4  # the weights moved
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
