@@ -90,7 +90,7 @@ def test_log_probs_are_ddim_posteriors_and_recompute_bit_for_bit(tiny_sd):
 def test_log_probs_need_stochastic_updates_and_trained_weights(tiny_sd):
     gen = build(tiny_sd)
     noise = torch.randn((1, *gen.noise_shape()), generator=torch.Generator().manual_seed(2))
-    with pytest.raises(ValueError, match="need eta > 0"), torch.no_grad():
+    with pytest.raises(UserError, match="needs eta above 0 at every update of the sampler"), torch.no_grad():
         gen(PROMPTS[:1], noise, gen.sample_options().replace(eta=0.0, rollout=Rollout()))
     with pytest.raises(ValueError, match="needs the rollout of a sampling pass"):
         gen(PROMPTS[:1], noise, gen.sample_options().replace(eta=ETA, score_steps=(0,)))
