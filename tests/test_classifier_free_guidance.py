@@ -71,6 +71,15 @@ def independent_gradient(family, model, images):
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         return z0, t, alpha, sigma, alpha * z0.detach() + sigma * noise
 
+    def flow_noised(pipe):
+        """z0 (the VAE mean, shifted and scaled), its level s on the static-shift flow schedule, alpha, sigma and z_t."""
+        cfg = pipe.vae.config
+        z0 = (pipe.vae.encode(2 * x - 1).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
+        shift = pipe.scheduler.config.shift
+        s = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
+        return z0, s, 1 - s, s, (1 - s) * z0.detach() + s * noise
+
     if family == "sd":
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
         z0, t, alpha, sigma, zt = ddpm_noised(pipe)
@@ -117,13 +126,7 @@ def independent_gradient(family, model, images):
         eps_c, eps_u = zt + (1 - s) * v_c, zt + (1 - s) * v_u
     elif family == "zimage":
         pipe = ZImagePipeline.from_pretrained(model)
-        cfg = pipe.vae.config
-        z0 = (pipe.vae.encode(2 * x - 1).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
-        shift = pipe.scheduler.config.shift
-        s = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
-        alpha, sigma = 1 - s, s
-        zt = alpha * z0.detach() + sigma * noise
+        z0, s, alpha, sigma, zt = flow_noised(pipe)
         embeds, neg_embeds = pipe.encode_prompt(list(PROMPTS), device="cpu", negative_prompt=list(neg), max_sequence_length=48)
         frames = list(zt.unsqueeze(2).unbind(0))  # the transformer takes (C, 1, H, W) latents and the progress 1 - t
 
@@ -135,13 +138,7 @@ def independent_gradient(family, model, images):
         eps_c, eps_u = zt + (1 - s) * v_c, zt + (1 - s) * v_u
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model)
-        cfg = pipe.vae.config
-        z0 = (pipe.vae.encode(2 * x - 1).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in rngs])
-        shift = pipe.scheduler.config.shift
-        s = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
-        alpha, sigma = 1 - s, s
-        zt = alpha * z0.detach() + sigma * noise
+        z0, s, alpha, sigma, zt = flow_noised(pipe)
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu", negative_prompt=neg, max_sequence_length=256)
         timestep = s.flatten() * pipe.scheduler.config.num_train_timesteps
         with torch.no_grad():

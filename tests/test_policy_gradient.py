@@ -66,6 +66,15 @@ def grpo_recipe(tmp_path, **policy):
     }
 
 
+def hand_advantages(generator, prompts, noise, options):
+    """The batch's images and classifier rewards, apart from the optimizer, and their advantages in groups of 4."""
+    from rewardkit.testbed.plugins import DigitClassifier
+
+    with torch.no_grad():
+        scores = DigitClassifier()(generator(prompts, noise, options), prompts).view(-1, 4)
+    return ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+
+
 def metrics(tmp_path):
     return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
@@ -84,15 +93,11 @@ def test_the_first_update_is_on_policy_and_a_second_one_is_not(tmp_path):
 def test_one_update_raises_the_log_probability_of_the_better_trajectories(tmp_path):
     """After one GRPO step (plain SGD), sum_i A_i (log p_new(tau_i) - log p_old(tau_i)) > 0 over the batch it learned
     from: the step moves the policy towards the samples that scored above their group."""
-    from rewardkit.testbed.plugins import DigitClassifier
-
     opt = Optimizer.from_recipe(grpo_recipe(tmp_path) | {"optimizer": {"name": "sgd", "lr": 0.5}})
     seen, original = {}, opt._rollouts
 
     def keep(prompts, noise, options):
-        with torch.no_grad():  # the batch's images and rewards, apart from the optimizer: the advantages by hand
-            scores = DigitClassifier()(opt.generator(prompts, noise, options), prompts).view(-1, 4)
-        advantages = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+        advantages = hand_advantages(opt.generator, prompts, noise, options)
         seen.update(prompts=prompts, noise=noise, options=options, advantages=advantages, part=original(prompts, noise, options)[0])
         return [seen["part"]]
 
@@ -165,17 +170,13 @@ def test_a_built_reward_that_says_it_is_not_differentiable_is_refused_pathwise()
 def test_groups_split_over_micro_batches_get_the_advantages_of_the_whole_group(tmp_path):
     """run.batch_size 2 x 2 micro-batches, groups of 4: each group spans both micro-batches; the advantages the
     optimizer trains with are those computed by hand from the whole update's rewards, in order."""
-    from rewardkit.testbed.plugins import DigitClassifier
-
     recipe = grpo_recipe(tmp_path)
     recipe["run"] |= {"batch_size": 2, "gradient_accumulation_steps": 2}
     opt = Optimizer.from_recipe(recipe)
     seen, original = {}, opt._rollouts
 
     def keep(prompts, noise, options):
-        with torch.no_grad():
-            scores = DigitClassifier()(opt.generator(prompts, noise, options), prompts).view(-1, 4)
-        seen["expected"] = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+        seen["expected"] = hand_advantages(opt.generator, prompts, noise, options)
         seen["parts"] = original(prompts, noise, options)
         return seen["parts"]
 

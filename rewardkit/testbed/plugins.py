@@ -79,6 +79,15 @@ def _load_reward_tensors(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(weights_dir(name) / "reward_models.safetensors"))
 
 
+def _digit_cnn(weights: str) -> torch.nn.Module:
+    """The digit CNN trained on split A (`weights`: the packaged testbed or a training output folder)."""
+    from rewardkit.testbed.models import DigitCNN
+
+    model = DigitCNN()
+    model.load_state_dict({k[4:]: v for k, v in _load_reward_tensors(weights).items() if k.startswith("cnn.")})
+    return model
+
+
 def _digits(prompts: Sequence[str], who: str) -> torch.Tensor:
     out = [data.parse_digit(p) for p in prompts]
     bad = [p for p, d in zip(prompts, out) if d < 0]
@@ -113,11 +122,7 @@ class DigitClassifier(Reward):
 
     def __init__(self, **options):
         super().__init__(**options)
-        from rewardkit.testbed.models import DigitCNN
-
-        tensors = _load_reward_tensors(self.options.weights)
-        self.model = DigitCNN()
-        self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("cnn.")})
+        self.model = _digit_cnn(self.options.weights)
 
     def forward(self, images, prompts):
         logits = self.model(data.to_gray(images)).float()
@@ -147,11 +152,7 @@ class DigitCorrect(Reward):
 
     def __init__(self, **options):
         super().__init__(**options)
-        from rewardkit.testbed.models import DigitCNN
-
-        tensors = _load_reward_tensors(self.options.weights)
-        self.model = DigitCNN()
-        self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("cnn.")})
+        self.model = _digit_cnn(self.options.weights)
 
     def forward(self, images, prompts):
         with torch.no_grad():
