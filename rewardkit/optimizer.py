@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import torch
 from pydantic import ValidationError
 
-from rewardkit import distributed, policy_gradient
+from rewardkit import distributed, policy_gradient, sampler
 from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, save_checkpoint, usable_checkpoint
 from rewardkit.durable import write_text_atomic
 from rewardkit.ema import EMA
@@ -196,7 +196,7 @@ class Optimizer:
 
         # 1b. score-function rewards: sample the whole update once, without gradient, keeping each trajectory and its
         #     log-probabilities; score it; each sample's advantage within its prompt's group
-        rollouts = self._rollouts(prompts, noise, options) if self.score_labels else [None] * n_micro
+        rollouts = self._rollouts(prompts, noise, *self._policy_sampling(options, len(prompts))) if self.score_labels else [None] * n_micro
 
         # 2-4. each micro-batch of run.batch_size (this process's shard of it): generate, score, loss, backward
         # 5. one optimizer step for the update (skipped, not applied, when any micro-batch was non-finite); score-
@@ -291,18 +291,22 @@ class Optimizer:
             for reg in self.regularizers.values():
                 grads = reg.transform_gradients(grads)
             loss = self._reward_loss(images, grads, image_weights)
-        policy_loss, policy = None, {}
+        policy_loss, policy, kl = None, {}, None
         if rollout is not None:
-            steps = tuple(self.policy.steps) if self.policy.steps is not None else tuple(range(rollout["old"].shape[1]))
+            steps, with_kl = rollout["steps"], any(reg.uses_reference_kl for reg in self.regularizers.values())
+            scoring = rollout["options"].replace(rollout=rollout["rollout"], score_steps=steps, score_reference=with_kl)
             with acc.autocast():  # (float64, as recorded while sampling: the first update's ratio is exactly 1)
-                log_p = self.model(prompts, noise, options.replace(rollout=rollout["rollout"], score_steps=steps))
+                log_p = self.model(prompts, noise, scoring)
+            log_p, kl = log_p if with_kl else (log_p, None)
             policy_loss, policy = policy_gradient.clipped_surrogate(
                 log_p, rollout["old"][:, list(steps)], rollout["advantages"], self.policy.clip_range, rollout["elements"])
             policy["loss"] = policy_loss.detach()
+            if kl is not None:
+                policy["kl"] = kl.detach().mean()
         last_loss = policy_loss if policy_loss is not None else loss
         penalties = {}
         for label, reg in self.regularizers.items():
-            p = reg.penalty(self.generator)
+            p = reg.policy_penalty(kl) if reg.uses_reference_kl else reg.penalty(self.generator)
             if p is not None:
                 penalties[label] = p.detach()
                 last_loss = last_loss + p
@@ -330,13 +334,31 @@ class Optimizer:
             "time": {"generate": t1 - t_gen, "rewards": t2 - t1, "backward": clock() - t3},
         }
 
-    def _rollouts(self, prompts: list[str], noise: torch.Tensor, options) -> list[dict]:
-        """Step 1b: each micro-batch sampled without gradient (this process's shard), its trajectories and their
-        log-probabilities kept (whole chains: R0+'s supervision is for the pathwise pass), scored by the score-function
-        rewards; then the advantages of the whole update, from every process's scores (so they do not depend on how
-        the batch is split), handed back per micro-batch: {rollout, old, elements, advantages, scores, time}."""
-        acc, B, t0 = self.accelerator, self.run.batch_size, self._clock()
+    def _policy_sampling(self, options, n: int):
+        """The rollouts' sampling options and the updates the policy gradient trains this step: policy_gradient.steps
+        (default: every update); with a window, `window` consecutive ones at a start drawn in that range, the sampler
+        deterministic (eta 0) outside it, as Flow-GRPO-Fast samples (its other updates then cost no noise)."""
+        K = options.num_steps or self.generator.planned_steps(self.generator.options)
+        if not K:
+            raise UserError(f"generator '{self.generator.name}' does not say its number of sampler steps (SampleOptions.num_steps "
+                            "or planned_steps), which the score-function estimator needs")
+        steps = list(self.policy.steps) if self.policy.steps is not None else list(range(K - 1))
         sampling = options.replace(supervise_step=None, grad_steps=None, deep_supervision=None, deep_supervision_weights=None)
+        if self.policy.window is None:
+            return sampling, tuple(steps)
+        start = steps[0] + int(torch.randint(len(steps) - self.policy.window + 1, (), generator=self.data_rng))
+        window = tuple(range(start, start + self.policy.window))
+        inside = torch.zeros(K)
+        inside[list(window)] = 1.0
+        return sampling.replace(eta=sampler.eta_matrix(options.eta, n, K, "cpu") * inside), window
+
+    def _rollouts(self, prompts: list[str], noise: torch.Tensor, sampling, steps: tuple[int, ...]) -> list[dict]:
+        """Step 1b: each micro-batch sampled without gradient with the options `sampling` (this process's shard), its
+        trajectories and their log-probabilities kept (whole chains: R0+'s supervision is for the pathwise pass),
+        scored by the score-function rewards; then the advantages of the whole update, from every process's scores
+        (so they do not depend on how the batch is split), handed back per micro-batch: {rollout, options, steps, old,
+        elements, advantages, scores, time}."""
+        acc, B, t0 = self.accelerator, self.run.batch_size, self._clock()
         parts, weighted = [], []
         for m in range(self.run.gradient_accumulation_steps):
             p, z, o = self._shard(prompts, noise, sampling, m)
@@ -346,8 +368,8 @@ class Optimizer:
                 local = {label: self.rewards[label](images, p).float() for label in self.score_labels}
             whole = {label: acc.gather(s) for label, s in local.items()}  # the micro-batch's B rows, in order
             weighted.append(sum(self.rewards[label].weight * whole[label] for label in self.score_labels))
-            parts.append({"rollout": rollout, "old": torch.stack(rollout.log_probs, 1), "elements": z[0].numel(),
-                          "scores": {label: s.mean() for label, s in whole.items()}})
+            parts.append({"rollout": rollout, "options": o, "steps": steps, "old": torch.stack(rollout.log_probs, 1),
+                          "elements": z[0].numel(), "scores": {label: s.mean() for label, s in whole.items()}})
         advantages = policy_gradient.group_advantages(torch.cat(weighted), self.policy.group_size, self.policy.standardize,
                                                       self.policy.advantage_clip)
         shard = distributed.batch_shard(acc.process_index, acc.num_processes, B)

@@ -113,8 +113,11 @@ class PolicyGradientSection(_Section):
     clip_range: PositiveFloat = 1e-4
     """epsilon of the clipped per-element importance ratio (Flow-GRPO's 1e-4)."""
     steps: list[NonNegativeInt] | None = None
-    """The sampler's updates (0 .. K-2) trained by the policy gradient: a window or a subset (MixGRPO,
-    Flow-GRPO-Fast); None: every update."""
+    """The sampler's updates (0 .. K-2) trained by the policy gradient, a subset (fewer training timesteps than
+    sampling steps); None: every update. With `window`, the consecutive updates the window moves in."""
+    window: PositiveInt | None = None
+    """Train `window` consecutive updates per batch, at a start drawn at random inside `steps`, the sampler
+    stochastic only there (Flow-GRPO-Fast's SDE window, deterministic steps elsewhere); None: train all of `steps`."""
 
     @field_validator("steps")
     @classmethod
@@ -122,6 +125,15 @@ class PolicyGradientSection(_Section):
         if v is not None and (not v or len(set(v)) != len(v)):
             raise ValueError("steps must list distinct updates (0 .. K-2), at least one")
         return v
+
+    @model_validator(mode="after")
+    def _window_fits(self):
+        if self.window is not None and self.steps is not None:
+            if self.steps != list(range(self.steps[0], self.steps[0] + len(self.steps))):
+                raise ValueError(f"steps {self.steps}: a window moves inside consecutive, increasing updates (e.g. [0, 1, 2, 3])")
+            if self.window > len(self.steps):
+                raise ValueError(f"window = {self.window} is wider than steps {self.steps}")
+        return self
 
 
 class _PluginTable(BaseModel):
@@ -350,7 +362,9 @@ def check_estimators(generator: PluginSpec, rewards: Sequence[PluginSpec], secti
     ]
     labels = [s.label for s in rewards if s.options.estimator == "score_function"]
     if not labels:
-        return out
+        return out + [f"regularizers.{r.label}: '{r.cls.name}' constrains the policy gradient's updates, and no reward trains "
+                      "with one: give a reward estimator = 'score_function', or remove the regularizer"
+                      for r in regularizers if getattr(r.cls, "uses_reference_kl", False)]
     section = section or PolicyGradientSection()
     gen, where = generator.cls, f"rewards.{labels[0]}.estimator = 'score_function'"
     if not getattr(gen, "supports_score_function", False):
@@ -373,6 +387,8 @@ def check_estimators(generator: PluginSpec, rewards: Sequence[PluginSpec], secti
     if steps is not None and section.steps is not None and [k for k in section.steps if k > steps - 2]:
         out.append(f"policy_gradient.steps {[k for k in section.steps if k > steps - 2]}: the updates of a {steps}-step "
                    f"sampler are 0 .. {steps - 2}")
+    if steps is not None and section.window is not None and section.steps is None and section.window > steps - 1:
+        out.append(f"policy_gradient.window = {section.window} is wider than the {steps - 1} updates of a {steps}-step sampler")
     return out
 
 

@@ -87,6 +87,34 @@ def transition(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta) -> tuple[torch.
     return alpha_s * x0 + torch.sqrt(torch.clamp(sigma_s**2 - s2, min=0.0)) * eps, sigma_eta  # clamp: rounding only
 
 
+def flow_sde_transition(x0, eps, t, s, eta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's update from t to s (flow matching, x_t = (1 - t) x0 + t eps) as the Gaussian it is: the Euler-Maruyama
+    step of the SDE that has the flow ODE's marginals, dx = [v + sigma_t^2 / (2t) (x + (1 - t) v)] dt + sigma_t dw
+    with sigma_t = eta sqrt(t / (1 - t)) (Flow-GRPO's noise level a is eta). With x + (1 - t) v = eps and v = eps - x0,
+    mean = (1 - s) x0 + (s - sigma_t^2 (t - s) / (2t)) eps and std = sigma_t sqrt(t - s). At t = 1, where t / (1 - t)
+    is infinite, the next level's 1 - s stands in for 1 - t (as Flow-GRPO's sigma_max, its schedule's second level)."""
+    t_safe = torch.where(t >= 1, s, t)
+    var = eta**2 * t / (1 - t_safe)  # sigma_t^2, (B,)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    mean = (1 - s) * x0 + (s - (var * (t - s) / (2 * t)).view(view)) * eps
+    return mean, torch.sqrt(var * (t - s))
+
+
+UPDATES = ("ddim", "flow_sde")
+"""The stochastic updates: R0's DDIM form (any schedule) and Flow-GRPO's SDE step (flow matching only). At eta = 0
+both are the deterministic DDIM / Euler step; for flow matching they agree to first order in the step size
+(docs/methods.md)."""
+
+
+def update_transition(update: str, x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update `update` (one of UPDATES) from t to s as a Gaussian: (mean, std (B,))."""
+    if update == "ddim":
+        return transition(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta)
+    if update == "flow_sde":
+        return flow_sde_transition(x0, eps, sigma_t, sigma_s, eta)
+    raise ValueError(f"update must be one of {UPDATES}; got {update!r}")
+
+
 def ddim_update(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta, xi):
     """R0's update from noise level t to s (see the module docstring); eta is (B,) in [0, 1], xi like x0 or None."""
     mean, sigma_eta = transition(x0, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta)
@@ -117,8 +145,12 @@ def sample(
     agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     deep_supervision: tuple[int, ...] | None = None,
     log_probs: list | None = None,
+    update: str = "ddim",
 ) -> torch.Tensor:
     """Run the K = len(alpha) steps from `noise`; the returned clean prediction, with gradient where asked.
+
+    `update` is the stochastic update between steps (one of UPDATES): R0's DDIM form, or for flow matching
+    Flow-GRPO's SDE step; eta sets the noise either way.
 
     Gradient flows into step k of sample i when first_i <= k <= end_i, where
     end_i is the returned step (the last one, or `supervise_step`) and
@@ -128,8 +160,8 @@ def sample(
     must reach it through every step (grad_steps then defaults to all).
     If `trajectory` is a list, the x_t entering each step is appended to it
     (for rows past their returned step, what it holds there is meaningless).
-    If `log_probs` is a list, the log-probability (B,) of each stochastic
-    update under the model that made it is appended (eta > 0 everywhere; see
+    If `log_probs` is a list, the log-probability (B,) of each update under
+    the model that made it is appended (NaN where eta is 0; see
     `trajectory_log_probs`, which recomputes them from the trajectory).
 
     `deep_supervision` (increasing steps, R0+'s second reading): the x0_hat of
@@ -200,12 +232,15 @@ def sample(
             out = x0 if out is None else torch.where((end == k).view(view), x0, out)
         elif k in steps_out:
             stacked.append(x0)
-        if k < last and log_probs is not None:
-            if xi is None:
+        if k < last and (log_probs is not None or update != "ddim"):
+            if xi is None and log_probs is not None:
                 raise ValueError("log-probabilities of the updates need eta > 0: at eta = 0 the sampler is deterministic")
-            mean, std = transition(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
-            x = mean + std.view(view) * xi[:, k]
-            log_probs.append(transition_log_prob(x.detach(), mean, std))
+            mean, std = update_transition(update, x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
+            x = mean if xi is None else mean + std.view(view) * xi[:, k]
+            if log_probs is not None:  # (NaN where eta is 0: a deterministic update has no density)
+                stochastic = std > 0
+                lp = transition_log_prob(x.detach(), mean, torch.where(stochastic, std, torch.ones_like(std)))
+                log_probs.append(torch.where(stochastic, lp, torch.full_like(lp, math.nan)))
         elif k < last:
             x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
     if deep_supervision is not None:
@@ -214,21 +249,32 @@ def sample(
 
 
 def trajectory_log_probs(predict: Predict, trajectory: list[torch.Tensor], alpha: torch.Tensor, sigma: torch.Tensor,
-                         eta: float | torch.Tensor, steps: list[int]) -> torch.Tensor:
+                         eta: float | torch.Tensor, steps: list[int], update: str = "ddim", reference: Predict | None = None):
     """log p(x_{k+1} | x_k) (B, len(steps)) of a recorded trajectory (`sample(trajectory=...)`, x_0 .. x_{K-1}) under
     `predict`: the states are data (detached), the gradient, where enabled, reaches the model through each update's
-    mean. With the model that sampled it, these are `sample(log_probs=...)`'s values: an importance ratio of 1."""
+    mean. With the model that sampled it, these are `sample(log_probs=...)`'s values: an importance ratio of 1.
+
+    With a `reference` model, (log_p, kl): kl (B, len(steps)) is KL(p(. | x_k) || p_ref(. | x_k)) of each update per
+    element, float64. The two Gaussians share their standard deviation (it depends on the schedule and eta only), so
+    it is mean ||mean - mean_ref||^2 / (2 std^2), with gradient through `predict`'s mean only."""
     K = len(alpha)
     B = trajectory[0].shape[0]
     eta = eta_matrix(eta, B, K, trajectory[0].device)
-    out = []
+    out, kls = [], []
     for k in steps:
         if not 0 <= k < len(trajectory) - 1:
             raise ValueError(f"step {k}: the trajectory's updates are steps 0 .. {len(trajectory) - 2}")
         x0, eps = predict(trajectory[k].detach(), k, None)
-        mean, std = transition(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
+        mean, std = update_transition(update, x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
         out.append(transition_log_prob(trajectory[k + 1].detach(), mean, std))
-    return torch.stack(out, 1)
+        if reference is not None:
+            with torch.no_grad():
+                ref_mean, _ = update_transition(update, *reference(trajectory[k].detach(), k, None),
+                                                alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
+            d = (mean.double() - ref_mean.double()).flatten(1)
+            kls.append(d.pow(2).mean(1) / (2 * std.double() ** 2))
+    log_p = torch.stack(out, 1)
+    return log_p if reference is None else (log_p, torch.stack(kls, 1))
 
 
 def _predict_rows(predict: Predict, x: torch.Tensor, k: int, with_grad: torch.Tensor, active: torch.Tensor):

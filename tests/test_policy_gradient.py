@@ -96,9 +96,9 @@ def test_one_update_raises_the_log_probability_of_the_better_trajectories(tmp_pa
     opt = Optimizer.from_recipe(grpo_recipe(tmp_path) | {"optimizer": {"name": "sgd", "lr": 0.5}})
     seen, original = {}, opt._rollouts
 
-    def keep(prompts, noise, options):
+    def keep(prompts, noise, options, steps):
         advantages = hand_advantages(opt.generator, prompts, noise, options)
-        seen.update(prompts=prompts, noise=noise, options=options, advantages=advantages, part=original(prompts, noise, options)[0])
+        seen.update(prompts=prompts, noise=noise, options=options, advantages=advantages, part=original(prompts, noise, options, steps)[0])
         return [seen["part"]]
 
     opt._rollouts = keep
@@ -175,9 +175,9 @@ def test_groups_split_over_micro_batches_get_the_advantages_of_the_whole_group(t
     opt = Optimizer.from_recipe(recipe)
     seen, original = {}, opt._rollouts
 
-    def keep(prompts, noise, options):
+    def keep(prompts, noise, options, steps):
         seen["expected"] = hand_advantages(opt.generator, prompts, noise, options)
-        seen["parts"] = original(prompts, noise, options)
+        seen["parts"] = original(prompts, noise, options, steps)
         return seen["parts"]
 
     opt._rollouts = keep
@@ -195,3 +195,104 @@ def test_pathwise_and_score_function_rewards_train_in_one_step(tmp_path):
     assert not record["skipped"] and record["policy/ratio"] == 1.0
     assert record["grad_norm/digit_prototype"] > 0 and 0 <= record["reward/digit_correct"] <= 1
     assert record["reward/total"] == pytest.approx(record["reward/digit_prototype"] + 2.0 * record["reward/digit_correct"])
+
+
+def test_a_kl_penalty_to_the_reference_starts_at_zero_and_holds_the_policy_near_it(tmp_path):
+    """regularizers.kl_reference: at the first step the LoRA generator is theta_0 (KL 0 exactly); after it, the logged
+    penalty is beta times the batch's mean KL; with a large beta the policy ends closer to theta_0 than without."""
+    def run(name, weight):
+        recipe = grpo_recipe(tmp_path / name)
+        recipe["run"]["steps"] = 3
+        recipe["regularizers"] = {"kl_reference": {"weight": weight}}
+        Optimizer.from_recipe(recipe).fit()
+        return metrics(tmp_path / name)
+
+    free, held = run("free", 0.0), run("held", 100.0)
+    assert held[0]["policy/kl"] == 0.0 and held[1]["policy/kl"] > 0
+    for record in held:
+        assert record["penalty/kl_reference"] == pytest.approx(100.0 * record["policy/kl"], rel=1e-6)
+    assert free[1]["policy/kl"] == pytest.approx(held[1]["policy/kl"], rel=1e-6)  # the same first step (its KL gradient is 0)
+    assert held[2]["policy/kl"] < 0.5 * free[2]["policy/kl"]
+
+
+def test_a_kl_penalty_without_a_policy_gradient_is_refused(tmp_path):
+    recipe = grpo_recipe(tmp_path)
+    recipe["rewards"] = {"digit_classifier": {}}
+    del recipe["policy_gradient"]
+    recipe["regularizers"] = {"kl_reference": {}}
+    with pytest.raises(RecipeError, match="regularizers.kl_reference: 'kl_reference' constrains the policy gradient's updates"):
+        load_recipe(recipe, registry=load_registry())
+
+
+def test_a_window_trains_consecutive_updates_where_only_they_are_stochastic(tmp_path):
+    """policy_gradient.window (Flow-GRPO-Fast): each step trains `window` consecutive updates inside `steps`, at a start
+    drawn per batch; the rollout samples deterministically outside them (no density there: NaN), and the update
+    trained is on-policy (ratio 1)."""
+    recipe = grpo_recipe(tmp_path, window=2, steps=[1, 2, 3])
+    recipe["run"]["steps"] = 6
+    recipe["generator"]["num_steps"] = 5
+    opt = Optimizer.from_recipe(recipe)
+    windows, original = [], opt._rollouts
+
+    def keep(prompts, noise, sampling, steps):
+        parts = original(prompts, noise, sampling, steps)
+        old = parts[0]["old"]
+        windows.append((steps, sorted(set(old.isfinite().all(0).nonzero()[:, 0].tolist()))))
+        return parts
+
+    opt._rollouts = keep
+    opt.fit()
+    assert len(windows) == 6 and {w for w, _ in windows} <= {(1, 2), (2, 3)} and len({w for w, _ in windows}) == 2
+    assert all(list(w) == stochastic for w, stochastic in windows)  # stochastic exactly where trained
+    assert all(r["policy/ratio"] == 1.0 for r in metrics(tmp_path))
+    with pytest.raises(RecipeError, match="a window moves inside consecutive, increasing updates"):
+        load_recipe(grpo_recipe(tmp_path, window=2, steps=[0, 2, 3]), registry=load_registry())
+    with pytest.raises(RecipeError, match="policy_gradient.window = 3 is wider than the 2 updates of a 3-step sampler"):
+        load_recipe(grpo_recipe(tmp_path, window=3), registry=load_registry())
+
+
+def test_a_policy_gradient_run_resumes_exactly(tmp_path):
+    """Stopped after step 2 and resumed, a GRPO run (a drawn window, two clipped updates per batch, a KL penalty)
+    ends bit for bit where the uninterrupted one does: between steps nothing of a rollout is in flight, and the
+    prompt groups, noises and windows of the later steps are drawn from the checkpointed generator state."""
+    from safetensors.torch import load_file
+
+    def recipe(run_dir, steps):
+        r = grpo_recipe(run_dir, window=1, updates_per_batch=2)
+        r["run"] |= {"steps": steps, "checkpoint_every": 2, "dir": str(run_dir)}
+        r["regularizers"] = {"kl_reference": {"weight": 1.0}, "weight_l2": {"weight": 1.0}}
+        return r
+
+    Optimizer.from_recipe(recipe(tmp_path / "straight", 4)).fit()
+    Optimizer.from_recipe(recipe(tmp_path / "resumed", 2)).fit()
+    Optimizer.from_recipe(recipe(tmp_path / "resumed", 4)).fit(resume=True)
+    straight, resumed = (load_file(tmp_path / d / "checkpoints" / "step_000004" / "generator.safetensors") for d in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("straight", "resumed"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("reward/digit_classifier", "policy/ratio", "policy/kl", "loss"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_a_non_finite_score_skips_the_policy_gradient_step_and_training_goes_on(tmp_path):
+    """A score-function reward (a throwaway plugin) that returns NaN for one batch: that step is skipped (no weight
+    moves, counted by the NaN guard), the next one trains."""
+    from safetensors.torch import load_file
+
+    plugin = tmp_path / "flaky_judge.py"
+    plugin.write_text(
+        "import math\nimport rewardkit\nfrom rewardkit.testbed.plugins import DigitCorrect\n\n"
+        "class FlakyJudge(DigitCorrect):\n    name = 'flaky_judge'\n    calls = 0\n\n"
+        "    def forward(self, images, prompts):\n        FlakyJudge.calls += 1\n"
+        "        score = super().forward(images, prompts)\n"
+        "        return score * math.nan if FlakyJudge.calls == 2 else score\n\n"
+        "@rewardkit.hookimpl\ndef register_rewards(register):\n    register(FlakyJudge)\n")
+    recipe = grpo_recipe(tmp_path)
+    recipe["run"] |= {"steps": 3, "checkpoint_every": 1, "keep_checkpoints": 3}
+    recipe["rewards"] = {"flaky_judge": {"estimator": "score_function"}}
+    Optimizer.from_recipe(recipe, registry=load_registry([str(plugin)])).fit()
+    records = metrics(tmp_path)
+    assert [r["skipped"] for r in records] == [False, True, False] and records[-1]["nonfinite_total"] == 1
+    step = [load_file(tmp_path / "run" / "checkpoints" / f"step_{k:06d}" / "generator.safetensors") for k in (1, 2, 3)]
+    assert all(torch.equal(step[0][n], step[1][n]) for n in step[0])  # the skipped step moved nothing
+    assert any(not torch.equal(step[1][n], step[2][n]) for n in step[0])

@@ -187,3 +187,81 @@ def test_the_log_probs_of_a_trajectory_are_its_gaussian_posteriors_and_recompute
     assert weights.grad[1] != 0 and weights.grad[[0, 2, 3]].abs().sum() == 0
     with pytest.raises(ValueError, match="need eta > 0"):
         sampler.sample(predict, noise, alpha, sigma, eta=0.0, log_probs=[])
+
+
+def test_the_flow_sde_update_is_flow_grpos_euler_maruyama_step():
+    """Written as Flow-GRPO writes it, in the velocity v: x_s = x_t + [v + sigma_t^2 / (2t) (x_t + (1 - t) v)] (s - t)
+    + sigma_t sqrt(t - s) xi with sigma_t = a sqrt(t / (1 - t)), and at t = 1 the next level in 1 - t. Checked on
+    states built from (x0, eps) as the sampler's models return them; at a = 0 it is the Euler step; against R0's DDIM
+    form with the same injected noise, the means differ at second order in the step only."""
+    g = torch.Generator().manual_seed(11)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    a = torch.tensor([0.7, 0.3, 0.0])
+    for t, s in ((0.8, 0.6), (1.0, 0.75)):
+        t, s = torch.tensor(t), torch.tensor(s)
+        x_t, v = (1 - t) * x0 + t * eps, eps - x0
+        var = a**2 * t / (1 - (s if t == 1 else t))
+        w = (var / (2 * t)).view(-1, 1, 1, 1)
+        expected = x_t + (v + w * (x_t + (1 - t) * v)) * (s - t)
+        mean, std = sampler.update_transition("flow_sde", x0, eps, 1 - t, t, 1 - s, s, a)
+        torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6 * (1 + expected.abs().max()))
+        torch.testing.assert_close(std, torch.sqrt(var * (t - s)))
+        torch.testing.assert_close(mean[2], x_t[2] + (s - t) * v[2], rtol=0, atol=1e-6)  # a = 0: Euler
+    # first order: with R0's eta set so that both inject the same noise, the means agree to O(dt^2)
+    t = torch.tensor(0.6)
+    gaps = []
+    for dt in (0.04, 0.02, 0.01):
+        s = t - dt
+        sde_mean, std = sampler.update_transition("flow_sde", x0, eps, 1 - t, t, 1 - s, s, torch.full((3,), 0.5))
+        eta = std / sampler.posterior_std(1 - t, t, 1 - s, s)
+        ddim_mean, ddim_std = sampler.update_transition("ddim", x0, eps, 1 - t, t, 1 - s, s, eta)
+        torch.testing.assert_close(ddim_std, std)
+        gaps.append(float((sde_mean - ddim_mean).abs().max()))
+    assert 3.0 < gaps[0] / gaps[1] < 5.0 and 3.0 < gaps[1] / gaps[2] < 5.0, gaps  # halving dt quarters the gap
+
+
+def test_a_flow_sde_trajectory_records_its_densities_and_a_reference_kl():
+    """sample(update='flow_sde') records log N(x_s; mean, std) of the flow SDE's steps, trajectory_log_probs recomputes
+    them exactly, and against a reference model the KL of each update is mean ||mean - mean_ref||^2 / (2 std^2):
+    torch.distributions' KL of the two Gaussians, per element; 0 against itself."""
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    alpha, sigma = 1 - t, t
+    w = torch.nn.Parameter(torch.tensor([0.9, 1.1, 0.7, 1.3]))
+
+    def model(weights):
+        def predict(x, k, rows):
+            x0 = torch.tanh(weights[k] * x)
+            return x0, x if k == 0 else (x - alpha[k] * x0) / sigma[k]
+        return predict
+
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(8))
+    trajectory, recorded = [], []
+    with torch.no_grad():
+        sampler.sample(model(w), noise, alpha, sigma, eta=0.7, trajectory=trajectory, log_probs=recorded, update="flow_sde")
+    recorded = torch.stack(recorded, 1)
+    for k in range(3):
+        x_t = trajectory[k]
+        x0, eps = model(w.detach())(x_t, k, None)
+        tk, sk = t[k], t[k + 1]
+        v = eps - x0
+        var = 0.49 * tk / (1 - (sk if tk == 1 else tk))
+        mean = x_t + (v + var / (2 * tk) * (x_t + (1 - tk) * v)) * (sk - tk)
+        std = torch.sqrt(var * (tk - sk))
+        expected = torch.distributions.Normal(mean.double(), std.double()).log_prob(trajectory[k + 1].double()).flatten(1).sum(1)
+        z = (trajectory[k + 1].double() - mean.double()) / std
+        tol = 4e-6 * (z.abs() * (1 + mean.abs() / std)).flatten(1).sum(1).max().item()
+        torch.testing.assert_close(recorded[:, k], expected, rtol=0, atol=tol)
+
+    same, kl0 = sampler.trajectory_log_probs(model(w), trajectory, alpha, sigma, 0.7, [0, 1, 2], update="flow_sde", reference=model(w))
+    assert torch.equal(same.detach(), recorded) and torch.equal(kl0, torch.zeros_like(kl0))
+    ref_w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    _, kl = sampler.trajectory_log_probs(model(w), trajectory, alpha, sigma, 0.7, [0, 2], update="flow_sde", reference=model(ref_w))
+    for j, k in enumerate((0, 2)):
+        def gaussian(weights):
+            m, sd = sampler.update_transition("flow_sde", *model(weights)(trajectory[k], k, None), alpha[k], sigma[k],
+                                              alpha[k + 1], sigma[k + 1], torch.full((3,), 0.7))
+            return torch.distributions.Normal(m.detach().double(), sd.detach().double().view(-1, 1, 1, 1).expand_as(m))
+        expected = torch.distributions.kl_divergence(gaussian(w), gaussian(ref_w)).flatten(1).mean(1)
+        torch.testing.assert_close(kl[:, j].detach(), expected, rtol=1e-9, atol=0)
+    kl.sum().backward()  # the gradient reaches the trained model through the updates asked for only
+    assert w.grad[0] != 0 and w.grad[2] != 0 and w.grad[[1, 3]].abs().sum() == 0

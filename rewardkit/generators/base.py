@@ -58,6 +58,9 @@ class SampleOptions:
         the recorded trajectory under the current weights, with gradient: what
         the score-function estimator differentiates. (Through `forward`, so
         that DDP / FSDP wrappers see the call.)
+    score_reference: with score_steps: `forward` returns (log_p, kl), kl
+        (B, len(score_steps)) the KL divergence per element of each update
+        from the frozen theta_0's (a KL penalty to the reference model).
     """
 
     num_steps: int | None = None
@@ -69,6 +72,7 @@ class SampleOptions:
     deep_supervision_weights: tuple[float, ...] | None = None
     rollout: Rollout | None = None
     score_steps: tuple[int, ...] | None = None
+    score_reference: bool = False
 
     def replace(self, **changes) -> "SampleOptions":
         return replace(self, **changes)

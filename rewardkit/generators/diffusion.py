@@ -274,27 +274,39 @@ class DiffusionGenerator(Generator):
         rollout = options.rollout
         if rollout is not None:
             K = options.num_steps or self.options.num_steps
-            if K > 1 and bool((sampler.eta_matrix(options.eta, len(noise), K, noise.device)[:, : K - 1] <= 0).any()):
-                raise UserError("the score-function estimator needs eta above 0 at every update of the sampler (its updates "
-                                "must be Gaussians): set generator.eta > 0, or regularizers.random_eta.low > 0")
+            if K > 1 and not bool((sampler.eta_matrix(options.eta, len(noise), K, noise.device)[:, : K - 1] > 0).any()):
+                raise UserError(_NEEDS_ETA)
         x0 = self.sample_latents(prompts, noise, options, trajectory=None if rollout is None else rollout.trajectory,
                                  log_probs=None if rollout is None else rollout.log_probs)
         return self.decode(x0)
 
-    def _transition_log_probs(self, prompts: Sequence[str], options: SampleOptions) -> torch.Tensor:
+    def _transition_log_probs(self, prompts: Sequence[str], options: SampleOptions):
         """log p(x_{k+1} | x_k) (B, len(score_steps)) of the updates `score_steps` of options.rollout's trajectory,
-        under the current weights, with gradient (rewardkit.sampler.trajectory_log_probs)."""
+        under the current weights, with gradient (rewardkit.sampler.trajectory_log_probs); with score_reference,
+        (log_p, the KL of each update to theta_0's)."""
         if self.options.training == "noise":
             raise UserError("a score-function estimator trains the weights through the sampler's transitions; with training = "
                             "'noise' nothing it reaches is trained: use training = 'lora' or 'full'")
         if options.rollout is None or not options.rollout.trajectory:
             raise ValueError("SampleOptions.score_steps needs the rollout of a sampling pass (SampleOptions.rollout, filled)")
         trajectory = options.rollout.trajectory
-        schedule = self.schedule(options.num_steps or self.options.num_steps, trajectory[0].device)
+        K = options.num_steps or self.options.num_steps
+        if not bool((sampler.eta_matrix(options.eta, len(prompts), K, "cpu")[:, list(options.score_steps)] > 0).all()):
+            raise UserError(_NEEDS_ETA)
+        schedule = self.schedule(K, trajectory[0].device)
         with torch.no_grad():
             cond = self._conditioning(list(prompts), trajectory[0].device)
+        if options.score_reference and self.options.training == "full" and fsdp_wrapped(self):
+            raise UserError("a KL penalty to the reference (regularizers.kl_reference) with training = 'full' does not run under "
+                            "FSDP yet (theta_0 is kept whole, the weights in shards): use LoRA, or the 'ddp' accelerate config")
+        reference = (lambda x, k, rows: self._predict(x, schedule, k, cond, base=True)) if options.score_reference else None
         return sampler.trajectory_log_probs(lambda x, k, rows: self._predict(x, schedule, k, cond), trajectory,
-                                            schedule["alpha"], schedule["sigma"], options.eta, list(options.score_steps))
+                                            schedule["alpha"], schedule["sigma"], options.eta, list(options.score_steps),
+                                            update=self.stochastic_update(), reference=reference)
+
+    def stochastic_update(self) -> str:
+        """The sampler's update between steps (one of rewardkit.sampler.UPDATES): R0's DDIM form."""
+        return "ddim"
 
     def optimized_noise(self) -> torch.Tensor | None:
         return self.noise_table if self.options.training == "noise" else None
@@ -325,7 +337,7 @@ class DiffusionGenerator(Generator):
             x_start, schedule["alpha"], schedule["sigma"], options.eta,
             supervise_step=options.supervise_step, grad_steps=options.grad_steps,
             grad_to_noise=self.options.training == "noise", trajectory=trajectory, deep_supervision=options.deep_supervision,
-            log_probs=log_probs,
+            log_probs=log_probs, update=self.stochastic_update(),
             # sharded (FSDP): every network call is a collective, so all processes make the same calls
             agree=agree_max if fsdp_wrapped(self) else None,
         )
@@ -370,8 +382,9 @@ class DiffusionGenerator(Generator):
         z = self.vae.encode((images * 2 - 1).to(self.vae_dtype), return_dict=False)[0].mean.float()
         return self._vae_to_latents(z)
 
-    def _predict(self, x: torch.Tensor, schedule: dict, k: int, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) at step k, float32, with classifier-free guidance when the scale is not 1.
+    def _predict(self, x: torch.Tensor, schedule: dict, k: int, cond, base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) at step k, float32, with classifier-free guidance when the scale is not 1; `base`: of
+        the frozen theta_0.
 
         Guidance combines the [unconditional; conditional] outputs, which are linear in x0 and eps."""
         alpha, sigma = schedule["alpha"][k], schedule["sigma"][k]
@@ -379,7 +392,7 @@ class DiffusionGenerator(Generator):
         if guided and not self._guided_at(schedule, k):  # an unguided step: the conditional rows alone
             cond, guided = _conditional_half(cond), False
         x_in = torch.cat([x, x]) if guided else x
-        out = self._network(x_in, schedule["timesteps"][k].expand(x_in.shape[0]), cond)
+        out = self._network(x_in, schedule["timesteps"][k].expand(x_in.shape[0]), cond, base=base)
         if guided:
             out = self._guide(*out.chunk(2))
         return self._x0_eps(x, out, alpha, sigma)
@@ -559,6 +572,7 @@ class DiffusionGenerator(Generator):
             "num_inference_steps": K,
             "timesteps": [float(t) for t in schedule["timesteps"]],
             "eta": self.options.eta,
+            "stochastic_update": self.stochastic_update(),
             "guidance_scale": self.options.guidance_scale,
             "negative_prompt": self.options.negative_prompt,
             "height": self.height,
@@ -608,6 +622,10 @@ class DiffusionGenerator(Generator):
     def export_scheduler(self):
         """The diffusers scheduler whose default `num_inference_steps = K` reproduces this sampler (rewardkit.export)."""
         raise NotImplementedError
+
+
+_NEEDS_ETA = ("the score-function estimator needs eta above 0 at every update it trains (they must be Gaussians): set "
+              "generator.eta > 0, or regularizers.random_eta.low > 0")
 
 
 def _conditional_half(cond):

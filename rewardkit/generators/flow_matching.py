@@ -14,6 +14,8 @@ flow-match Euler step.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import field_validator
 
@@ -22,6 +24,10 @@ from rewardkit.generators.diffusion import DiffusionGenerator, DiffusionOptions
 
 
 class FlowMatchingOptions(DiffusionOptions):
+    stochastic_update: Literal["ddim", "flow_sde"] = "ddim"
+    """The update between steps where eta > 0: R0's DDIM form (the Gaussian posterior's noise scaled by eta), or
+    'flow_sde', Flow-GRPO's SDE step (noise level eta). Both are the Euler step at eta = 0 and agree to first order
+    in the step size (docs/methods.md)."""
     sigmas: list[float] | None = None
     """K unshifted noise levels in (0, 1], decreasing, as diffusers' `sigmas=` argument: the
     scheduler's shift is applied to them. Default: evenly spaced trailing, 1, (K-1)/K, ..., 1/K."""
@@ -67,6 +73,9 @@ class FlowMatchingGenerator(DiffusionGenerator):
                 raise UserError(f"{steps} sampler steps asked for, but generator.sigmas lists {len(self.options.sigmas)}")
             return list(self.options.sigmas)
         return [(steps - k) / steps for k in range(steps)]
+
+    def stochastic_update(self) -> str:
+        return self.options.stochastic_update
 
     def sampling_settings(self) -> dict:
         return super().sampling_settings() | {"sigmas": self.unshifted_sigmas(self.options.num_steps)}

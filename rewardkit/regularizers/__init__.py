@@ -14,6 +14,7 @@ __getattr__ = lazy_attributes(__name__, {name: "rewardkit.regularizers.base" for
 @hookimpl
 def register_regularizers(register):
     from rewardkit.regularizers.intermediate_step import IntermediateStep
+    from rewardkit.regularizers.kl_reference import KLReference
     from rewardkit.regularizers.noise_norm import NoiseNorm
     from rewardkit.regularizers.normalize_gradients import NormalizeGradients
     from rewardkit.regularizers.random_eta import RandomEta
@@ -24,3 +25,4 @@ def register_regularizers(register):
     register(RandomEta)
     register(IntermediateStep)
     register(NoiseNorm)
+    register(KLReference)

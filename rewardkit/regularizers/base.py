@@ -10,6 +10,9 @@ regularizer overrides only the ones it needs:
   before they are combined (per-sample normalization).
 - `penalty(generator)`: a differentiable scalar added to the loss
   (weight L2 to the initial weights).
+- `policy_penalty(kl)`: with score-function rewards, a differentiable scalar
+  from the KL divergence of the trained sampler's updates to the initial
+  model's (a KL penalty to the reference); asked for by `uses_reference_kl`.
 
 Regularizers run in recipe order.
 """
@@ -25,6 +28,9 @@ from rewardkit.options import Configurable
 class Regularizer(Configurable):
     """Base class of regularizer plugins; every method is optional."""
 
+    uses_reference_kl: bool = False
+    """True: `policy_penalty` is called on each policy-gradient update (the recipe needs score-function rewards)."""
+
     def __init__(self, **options):
         self._set_options(options)
 
@@ -38,4 +44,9 @@ class Regularizer(Configurable):
         return grads
 
     def penalty(self, generator: Generator) -> torch.Tensor | None:
+        return None
+
+    def policy_penalty(self, kl: torch.Tensor) -> torch.Tensor | None:
+        """kl (B, n), float64: per sample and trained update, KL(trained || theta_0) of the sampler's transition per
+        element (rewardkit.sampler.trajectory_log_probs), with gradient; a scalar added to the loss."""
         return None

@@ -1,0 +1,41 @@
+"""`kl_reference`: beta * KL(p_theta || p_theta_0) of the sampler's transitions, for policy-gradient training.
+
+GRPO's KL penalty to the reference model (Flow-GRPO's `beta`), on the
+trajectories the score-function estimator trains on: each trained update is a
+Gaussian under the trained weights and under the initial ones, with the same
+standard deviation, so its KL divergence is ||mean - mean_0||^2 / (2 std^2);
+it is averaged over the image's elements (Flow-GRPO's form, the per-element
+scale of the importance ratio), the trained updates and the batch. theta_0 is
+the generator's initial state, as for `weight_l2`: LoRA disables its adapters,
+full fine-tuning keeps a copy of the weights. It costs one forward pass of the
+frozen model, without gradient, per trained update.
+
+`weight_l2` constrains the weights wherever the samples are; this constrains
+what the sampler does on the samples the policy is trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import NonNegativeFloat
+
+from rewardkit.generators.base import Generator
+from rewardkit.options import PluginOptions
+from rewardkit.regularizers.base import Regularizer
+
+
+class KLReferenceOptions(PluginOptions):
+    weight: NonNegativeFloat = 0.04
+    """beta (Flow-GRPO's 0.04 for SD3.5 on GenEval and OCR; rewardkit's default)."""
+
+
+class KLReference(Regularizer):
+    name = "kl_reference"
+    Options = KLReferenceOptions
+    uses_reference_kl = True
+
+    def setup(self, generator: Generator) -> None:
+        generator.snapshot_reference()
+
+    def policy_penalty(self, kl: torch.Tensor) -> torch.Tensor:
+        return self.options.weight * kl.mean()
