@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -32,25 +33,28 @@ def rewards_of(run_dir):
     return [(r["step"], r["reward/color"], r["reward/smoothness"]) for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
-def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path, write_recipe):
-    single = Optimizer.from_recipe(recipe(tmp_path / "one")).fit()
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The recipe's run in one process, to its end: what every run of it below must equal."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "straight"
+    assert Optimizer.from_recipe(recipe(run_dir)).fit().step == STEPS
+    return run_dir
+
+
+def test_two_processes_equal_one_process_with_the_combined_batch(straight, tmp_path, write_recipe):
     proc = run_cli("run", str(write_recipe(recipe(tmp_path / "two"))), "--num-processes", "2", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done: step 8") == 1, "only rank 0 reports"
 
-    torch.testing.assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"), rtol=1e-5, atol=1e-6)
-    two, one = rewards_of(tmp_path / "two"), rewards_of(tmp_path / "one")
+    torch.testing.assert_close(weights(tmp_path / "two"), weights(straight), rtol=1e-5, atol=1e-6)
+    two, one = rewards_of(tmp_path / "two"), rewards_of(straight)
     assert [s for s, *_ in two] == list(range(1, STEPS + 1)), "each step is logged once, by one process"
     torch.testing.assert_close(torch.tensor([r[1:] for r in two]), torch.tensor([r[1:] for r in one]), rtol=1e-5, atol=1e-6)
     assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
-    assert single.step == STEPS
 
 
-def test_resume_across_process_counts(tmp_path, write_recipe):
-    straight = tmp_path / "straight"
-    Optimizer.from_recipe(recipe(straight)).fit()
-
+def test_resume_across_process_counts(straight, tmp_path, write_recipe):
     # 1 process for 4 steps, then 2 processes to the end.
     Optimizer.from_recipe(recipe(tmp_path / "a", steps=4)).fit()
     proc = run_cli("run", str(write_recipe(recipe(tmp_path / "a"), "a.toml")), "--resume", "--num-processes", "2", timeout=300)

@@ -45,6 +45,19 @@ def lora_recipe(run_dir: Path, steps: int, training: str = "lora") -> dict:
     }
 
 
+def shared_recipe(run_dir: Path, steps: int) -> dict:
+    """The LoRA run the one-process, FSDP and resumed runs below all take, with what sharding must get right besides
+    the weights: the weights' average (each process averages its shards; the checkpoint holds the whole average, which
+    a resumed FSDP run splits back into shards), and R0+ with a step per sample (each process's rows supervise other
+    steps, yet every process must make the same collective network calls: the sampler agrees on the steps and on the
+    gradient mode of each)."""
+    r = lora_recipe(run_dir, steps)
+    r["generator"]["num_steps"] = 3
+    r["optimizer"]["ema_decay"] = 0.5
+    r["regularizers"]["intermediate_step"] = {"supervision": "random_step", "per_sample": True}
+    return r
+
+
 def assert_adam_runs_agree(a: torch.Tensor, b: torch.Tensor, lr: float, steps: int) -> None:
     """Two Adam runs that differ only in the order of floating-point sums (one process vs two shards).
 
@@ -58,57 +71,67 @@ def assert_adam_runs_agree(a: torch.Tensor, b: torch.Tensor, lr: float, steps: i
     assert int(off.sum()) <= max(1, off.numel() // 1000), f"{int(off.sum())} of {off.numel()} weights differ by more than 1e-5; max {diff.max():.3g}"
 
 
-def weights(run_dir: Path, step: int) -> dict:
-    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "generator.safetensors")
+def weights(run_dir: Path, step: int, name: str = "generator.safetensors") -> dict:
+    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / name)
+
+
+def assert_same_weights_and_average(run_dir: Path, single_dir: Path, lr: float, steps: int) -> None:
+    for name in ("generator.safetensors", "generator_ema.safetensors"):
+        sharded, single = weights(run_dir, steps, name), weights(single_dir, steps, name)
+        assert set(sharded) == set(single) and single and all(v.shape == single[k].shape for k, v in sharded.items())  # whole tensors
+        for k in single:  # (an average of weights that agree as Adam runs do agrees at least as well)
+            assert_adam_runs_agree(sharded[k], single[k], lr, steps)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fsdp") / "straight"
-    Optimizer.from_recipe(lora_recipe(run_dir, 4)).fit()
+    Optimizer.from_recipe(shared_recipe(run_dir, 4)).fit()
     return run_dir
 
 
-@pytest.mark.parametrize("training", ["lora", "full"])
-def test_fsdp_equals_one_process(straight, tmp_path, write_recipe, training):
-    """The testbed teacher fully sharded (every block its own shard group, resharded after use), LoRA or
-    full fine-tuning under weight L2: the same run as one process."""
-    if training == "lora":
-        single_dir = straight
-    else:
-        single_dir = tmp_path / "single"
-        Optimizer.from_recipe(lora_recipe(single_dir, 4, training)).fit()
-    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "run", 4, training)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("done: step 4") == 1, "only rank 0 reports"
-    sharded, single = weights(tmp_path / "run", 4), weights(single_dir, 4)
-    assert set(sharded) == set(single) and all(v.shape == single[k].shape for k, v in sharded.items())  # whole tensors
-    lr = lora_recipe(tmp_path, 4, training)["optimizer"]["lr"]
-    for k in single:
-        assert_adam_runs_agree(sharded[k], single[k], lr, 4)
-    logged = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+def assert_logged_alike(run_dir: Path, single_dir: Path, steps: int) -> None:
+    logged = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(run_dir / "metrics.jsonl")]
     expected = [(h["step"], h["reward/digit_classifier"], h["penalty/weight_l2"]) for h in read_metrics(single_dir / "metrics.jsonl")]
     assert expected[-1][2] > 0  # it trained away from theta_0
-    assert [s for s, *_ in logged] == [1, 2, 3, 4], "each step logged once, by one process"
+    assert [s for s, *_ in logged] == list(range(1, steps + 1)), "each step logged once, by one process"
     torch.testing.assert_close(torch.tensor([r[1:] for r in logged]), torch.tensor([r[1:] for r in expected]), rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_equals_one_process(straight, tmp_path, write_recipe):
+    """The testbed teacher fully sharded (every block its own shard group, resharded after use), LoRA under weight
+    L2, with the weights' average and R0+ per sample: the same run as one process."""
+    proc = run_fsdp(write_recipe(shared_recipe(tmp_path / "run", 4)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 4") == 1, "only rank 0 reports"
+    assert_same_weights_and_average(tmp_path / "run", straight, lora_recipe(tmp_path, 4)["optimizer"]["lr"], 4)
+    assert_logged_alike(tmp_path / "run", straight, 4)
     optimizer_state = torch.load(tmp_path / "run" / "checkpoints" / "step_000004" / "optimizer.pt", weights_only=True)["optimizer"]
-    assert set(optimizer_state["state"]) == set(single)  # name-keyed, gathered from the shards
+    assert set(optimizer_state["state"]) == set(weights(straight, 4))  # name-keyed, gathered from the shards
+
+
+def test_full_fine_tuning_under_fsdp_equals_one_process(tmp_path, write_recipe):
+    Optimizer.from_recipe(lora_recipe(tmp_path / "single", 4, "full")).fit()
+    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "run", 4, "full")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, single = weights(tmp_path / "run", 4), weights(tmp_path / "single", 4)
+    assert set(sharded) == set(single) and all(v.shape == single[k].shape for k, v in sharded.items())
+    for k in single:
+        assert_adam_runs_agree(sharded[k], single[k], lora_recipe(tmp_path, 4, "full")["optimizer"]["lr"], 4)
+    assert_logged_alike(tmp_path / "run", tmp_path / "single", 4)
 
 
 def test_resume_between_fsdp_and_one_process(straight, tmp_path, write_recipe):
     # 1 process for 2 steps, then FSDP to the end
-    Optimizer.from_recipe(lora_recipe(tmp_path / "a", 2)).fit()
-    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "a", 4), "a.toml"), "--resume")
+    Optimizer.from_recipe(shared_recipe(tmp_path / "a", 2)).fit()
+    proc = run_fsdp(write_recipe(shared_recipe(tmp_path / "a", 4), "a.toml"), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # FSDP for 2 steps, then 1 process to the end
-    proc = run_fsdp(write_recipe(lora_recipe(tmp_path / "b", 2), "b.toml"))
+    proc = run_fsdp(write_recipe(shared_recipe(tmp_path / "b", 2), "b.toml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    Optimizer.from_recipe(lora_recipe(tmp_path / "b", 4)).fit(resume=True)
-    single = weights(straight, 4)
+    Optimizer.from_recipe(shared_recipe(tmp_path / "b", 4)).fit(resume=True)
     for run in ("a", "b"):
-        resumed = weights(tmp_path / run, 4)
-        for k in single:
-            assert_adam_runs_agree(resumed[k], single[k], lora_recipe(tmp_path, 4)["optimizer"]["lr"], 4)
+        assert_same_weights_and_average(tmp_path / run, straight, lora_recipe(tmp_path, 4)["optimizer"]["lr"], 4)
 
 
 def test_a_noise_run_under_fsdp_writes_the_images_of_one_process(tmp_path, write_recipe):
@@ -136,27 +159,17 @@ def test_a_noise_run_under_fsdp_writes_the_images_of_one_process(tmp_path, write
         assert np.abs(a - b).max() <= 1, name
 
 
-def test_r0plus_with_a_step_per_sample_under_fsdp_equals_one_process(tmp_path, write_recipe):
-    """Each process's rows supervise other steps, yet every process must make the same (collective) network
-    calls: the sampler agrees on the steps and the gradient mode of each, and the run is the 1-process run."""
-    def recipe(run_dir: Path) -> dict:
-        r = lora_recipe(run_dir, 2)
-        r["generator"]["num_steps"] = 4
-        r["regularizers"]["intermediate_step"] = {"supervision": "random_step", "per_sample": True}
-        return r
-
-    Optimizer.from_recipe(recipe(tmp_path / "single")).fit()
-    proc = run_fsdp(write_recipe(recipe(tmp_path / "run")))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
-    for k in single:
-        assert_adam_runs_agree(sharded[k], single[k], recipe(tmp_path)["optimizer"]["lr"], 2)
-
-
-def test_accumulation_under_fsdp_equals_one_process_with_the_whole_update(tmp_path, write_recipe):
+def test_accumulation_and_a_policy_gradient_under_fsdp_equal_one_process_with_the_whole_update(tmp_path, write_recipe):
+    """2 processes x 2 rows x 2 micro-batches under FSDP = one process's batch of 8, with a pathwise reward and a
+    score-function one (GRPO, groups of 4 spread over both processes and micro-batches, two updates per batch, a KL
+    penalty to theta_0): the rollouts, their advantages from every shard's scores and both updates are the same."""
     def recipe(run_dir: Path, batch: int, accumulation: int) -> dict:
         r = lora_recipe(run_dir, 2)
         r["run"].update(batch_size=batch, gradient_accumulation_steps=accumulation)
+        r["generator"]["eta"] = 0.7
+        r["rewards"]["digit_correct"] = {"estimator": "score_function"}
+        r["regularizers"] = {"weight_l2": {"weight": 10.0}, "normalize_gradients": {}, "kl_reference": {"weight": 1.0}}
+        r["policy_gradient"] = {"group_size": 4, "updates_per_batch": 2}
         return r
 
     Optimizer.from_recipe(recipe(tmp_path / "single", 8, 1)).fit()
@@ -166,28 +179,14 @@ def test_accumulation_under_fsdp_equals_one_process_with_the_whole_update(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded, single = weights(tmp_path / "run", 2), weights(tmp_path / "single", 2)
     for k in single:
-        assert_adam_runs_agree(sharded[k], single[k], lora_recipe(tmp_path, 2)["optimizer"]["lr"], 2)
-
-
-def test_the_ema_under_fsdp_resumes_and_equals_one_process(tmp_path, write_recipe):
-    """Each process averages its own shards; the checkpoint holds the whole average, which a resumed FSDP run
-    splits back into shards."""
-    def recipe(run_dir: Path, steps: int) -> dict:
-        r = lora_recipe(run_dir, steps)
-        r["optimizer"]["ema_decay"] = 0.5
-        return r
-
-    Optimizer.from_recipe(recipe(tmp_path / "single", 4)).fit()
-    proc = run_fsdp(write_recipe(recipe(tmp_path / "run", 2), "a.toml"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_fsdp(write_recipe(recipe(tmp_path / "run", 4), "b.toml"), "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    name = "generator_ema.safetensors"
-    sharded = load_file(tmp_path / "run" / "checkpoints" / "step_000004" / name)
-    single = load_file(tmp_path / "single" / "checkpoints" / "step_000004" / name)
-    assert sharded.keys() == single.keys() and single
-    for k in single:  # an average of weights that agree as Adam runs do: it agrees at least as well
-        assert_adam_runs_agree(sharded[k], single[k], recipe(tmp_path, 4)["optimizer"]["lr"], 4)
+        assert_adam_runs_agree(sharded[k], single[k], lora_recipe(tmp_path, 2)["optimizer"]["lr"], 4)  # 2 updates a step
+    logged, expected = (read_metrics(d / "metrics.jsonl") for d in (tmp_path / "run", tmp_path / "single"))
+    for key in ("reward/digit_correct", "policy/ratio"):
+        torch.testing.assert_close(torch.tensor([h[key] for h in logged]), torch.tensor([h[key] for h in expected]), rtol=1e-5, atol=1e-9)
+    # the KL is quadratic in the weights' moves (about lr per step), which agree to 1e-5 absolute (0.25% of a move):
+    # it agrees to about twice that
+    torch.testing.assert_close(torch.tensor([h["policy/kl"] for h in logged]), torch.tensor([h["policy/kl"] for h in expected]), rtol=1e-2, atol=0)
+    assert expected[-1]["policy/kl"] > 0 and expected[-1]["policy/ratio"] != 1.0
 
 
 def test_a_skipped_update_under_fsdp_accumulation_leaves_nothing_behind(tmp_path, write_recipe, monkeypatch):
