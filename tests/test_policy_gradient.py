@@ -296,3 +296,29 @@ def test_a_non_finite_score_skips_the_policy_gradient_step_and_training_goes_on(
     step = [load_file(tmp_path / "run" / "checkpoints" / f"step_{k:06d}" / "generator.safetensors") for k in (1, 2, 3)]
     assert all(torch.equal(step[0][n], step[1][n]) for n in step[0])  # the skipped step moved nothing
     assert any(not torch.equal(step[1][n], step[2][n]) for n in step[0])
+
+
+def test_jpeg_compressibility_is_minus_pillows_jpeg_size_of_the_saved_image(tmp_path):
+    """The score against an independent path: the image written as a PNG by torchvision (its own 8-bit rounding), read
+    back and encoded by Pillow at quality 95; a flat image compresses better than noise; pathwise is refused."""
+    import io
+
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from rewardkit.rewards.jpeg_compressibility import JpegCompressibility
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.full((1, 3, 32, 48), 0.3), torch.rand(1, 3, 32, 48, generator=g)])
+    scores = JpegCompressibility()(images, ["a", "b"])
+    for image, score in zip(images, scores):
+        save_image(image, tmp_path / "x.png")
+        buffer = io.BytesIO()
+        Image.open(tmp_path / "x.png").convert("RGB").save(buffer, format="JPEG", quality=95)
+        assert float(score) == pytest.approx(-buffer.tell() / 1000, abs=1e-6)
+    assert scores[0] > scores[1]
+    recipe = grpo_recipe(tmp_path)
+    recipe["rewards"] = {"jpeg_compressibility": {}}
+    del recipe["policy_gradient"]
+    with pytest.raises(RecipeError, match="'jpeg_compressibility' is not differentiable, so it cannot be trained on pathwise"):
+        load_recipe(recipe, registry=load_registry())

@@ -17,9 +17,11 @@ def register_rewards(register):
     from rewardkit.rewards.classifier_free_guidance import ClassifierFreeGuidance
     from rewardkit.rewards.color import Color
     from rewardkit.rewards.high_resolution import HighResolution
+    from rewardkit.rewards.jpeg_compressibility import JpegCompressibility
     from rewardkit.rewards.smoothness import Smoothness
 
     register(Color)
     register(Smoothness)
     register(HighResolution)
     register(ClassifierFreeGuidance)
+    register(JpegCompressibility)
