@@ -27,6 +27,9 @@ class RecipeError(UserError):
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid recipe {source}:\n{lines}")
 
+    def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary (a worker pool)
+        return type(self), (self.source, self.problems)
+
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps produced NaN or Inf; the run stopped."""

@@ -118,6 +118,18 @@ def test_the_testbed_grpo_recipe_trains(tmp_path):
     result = Optimizer.from_recipe(REPO / "recipes" / "grpo_testbed.toml", overrides).fit()
     record = metrics(tmp_path)[-1]
     assert result.step == 1 and record["policy/ratio"] == 1.0 and 0 <= record["reward/digit_correct"] <= 1
+    # what comes after training works for a policy-gradient run as for any: sample, export, eval
+    from rewardkit.cli import main
+
+    run_dir = str(tmp_path / "run")
+    assert main(["sample", run_dir, "--prompt", "a handwritten digit 3", "-n", "2", "--out", str(tmp_path / "samples")]) == 0
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["0000.png", "0001.png", "grid.png"]
+    assert main(["export", run_dir, "--format", "lora", "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 3\na handwritten digit 7\n")
+    assert main(["eval", run_dir, "--prompts", str(prompts), "--metrics", "digit_correct", "--out", str(tmp_path / "eval")]) == 0
+    assert "digit_correct" in (tmp_path / "eval" / "results.md").read_text()
 
 
 def test_a_pathwise_recipe_never_runs_the_policy_gradient(tmp_path, monkeypatch):

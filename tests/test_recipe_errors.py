@@ -178,3 +178,15 @@ def test_the_python_api_refuses_what_a_recipe_refuses(tmp_path):
         Evaluation(prompts=["a"], rewards=[Color()], every=-1)
     with pytest.raises(RecipeError, match=r"eval.prompts"):
         Evaluation(prompts=[], rewards=[Color()])
+
+
+def test_a_recipe_error_survives_a_process_boundary():
+    """Raised in a worker process (a benchmark's pool), it is pickled back to the parent: it must rebuild from its own
+    arguments (the default exception pickling passes the message alone, and the rebuild fails)."""
+    import pickle
+
+    from rewardkit.errors import RecipeError
+
+    err = pickle.loads(pickle.dumps(RecipeError("r.toml", ["run.steps: must be at least 1"])))
+    assert isinstance(err, RecipeError) and err.source == "r.toml" and err.problems == ["run.steps: must be at least 1"]
+    assert str(err) == "invalid recipe r.toml:\n  - run.steps: must be at least 1"
