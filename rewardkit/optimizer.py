@@ -232,7 +232,7 @@ class Optimizer:
             "reward/total": sum(self.rewards[label].weight * v for label, v in mean_scores.items()),
             **{f"reward/{label}": v for label, v in mean_scores.items()},
             **{f"grad_norm/{label}": mean("grad_norms", label) for label in micro[0]["grad_norms"]},
-            **{f"penalty/{label}": p.item() for label, p in micro[-1]["penalties"].items()},
+            **{f"penalty/{label}": mean("penalties", label) for label in micro[0]["penalties"]},
             "loss": acc.reduce(torch.stack([m["loss"] for m in micro]).mean(), "mean").item(),
             "param_grad_norm": param_grad_norm,
             **{f"policy/{key}": mean("policy", key, updates[-1]) for key in updates[-1][0]["policy"]},
@@ -297,6 +297,9 @@ class Optimizer:
             scoring = rollout["options"].replace(rollout=rollout["rollout"], score_steps=steps, score_reference=with_kl)
             with acc.autocast():  # (float64, as recorded while sampling: the first update's ratio is exactly 1)
                 log_p = self.model(prompts, noise, scoring)
+            if with_kl and not isinstance(log_p, tuple):
+                raise UserError(f"regularizers: a KL penalty to the reference needs generator '{self.generator.name}' to give the "
+                                "KL of its updates (SampleOptions.score_reference), which it does not")
             log_p, kl = log_p if with_kl else (log_p, None)
             policy_loss, policy = policy_gradient.clipped_surrogate(
                 log_p, rollout["old"][:, list(steps)], rollout["advantages"], self.policy.clip_range, rollout["elements"])
@@ -346,6 +349,9 @@ class Optimizer:
         sampling = options.replace(supervise_step=None, grad_steps=None, deep_supervision=None, deep_supervision_weights=None)
         if self.policy.window is None:
             return sampling, tuple(steps)
+        if self.policy.window > len(steps):
+            raise UserError(f"policy_gradient.window = {self.policy.window} is wider than the {len(steps)} updates it moves in "
+                            f"(policy_gradient.steps, or the {K - 1} updates of a {K}-step sampler)")
         start = steps[0] + int(torch.randint(len(steps) - self.policy.window + 1, (), generator=self.data_rng))
         window = tuple(range(start, start + self.policy.window))
         inside = torch.zeros(K)

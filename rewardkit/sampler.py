@@ -232,7 +232,7 @@ def sample(
             out = x0 if out is None else torch.where((end == k).view(view), x0, out)
         elif k in steps_out:
             stacked.append(x0)
-        if k < last and (log_probs is not None or update != "ddim"):
+        if k < last:
             if xi is None and log_probs is not None:
                 raise ValueError("log-probabilities of the updates need eta > 0: at eta = 0 the sampler is deterministic")
             mean, std = update_transition(update, x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k])
@@ -241,8 +241,6 @@ def sample(
                 stochastic = std > 0
                 lp = transition_log_prob(x.detach(), mean, torch.where(stochastic, std, torch.ones_like(std)))
                 log_probs.append(torch.where(stochastic, lp, torch.full_like(lp, math.nan)))
-        elif k < last:
-            x = ddim_update(x0, eps, alpha[k], sigma[k], alpha[k + 1], sigma[k + 1], eta[:, k], None if xi is None else xi[:, k])
     if deep_supervision is not None:
         out = torch.cat(stacked)
     return out if tie is None else out + tie

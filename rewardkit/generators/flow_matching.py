@@ -19,12 +19,13 @@ from typing import Literal
 import torch
 from pydantic import field_validator
 
+from rewardkit import sampler
 from rewardkit.errors import UserError
 from rewardkit.generators.diffusion import DiffusionGenerator, DiffusionOptions
 
 
 class FlowMatchingOptions(DiffusionOptions):
-    stochastic_update: Literal["ddim", "flow_sde"] = "ddim"
+    stochastic_update: Literal[sampler.UPDATES] = "ddim"
     """The update between steps where eta > 0: R0's DDIM form (the Gaussian posterior's noise scaled by eta), or
     'flow_sde', Flow-GRPO's SDE step (noise level eta). Both are the Euler step at eta = 0 and agree to first order
     in the step size (docs/methods.md)."""

@@ -10,6 +10,11 @@ the generator's initial state, as for `weight_l2`: LoRA disables its adapters,
 full fine-tuning keeps a copy of the weights. It costs one forward pass of the
 frozen model, without gradient, per trained update.
 
+This is the exact KL of the two steps. Flow-GRPO's code divides by the SDE's
+2 sigma_t^2 rather than the step's variance 2 sigma_t^2 (t - s), so its KL is
+this one times t - s, update by update, and its beta corresponds to about
+beta x mean(t - s) here (0.04 on SD3.5's 10-step schedule: about 0.003).
+
 `weight_l2` constrains the weights wherever the samples are; this constrains
 what the sampler does on the samples the policy is trained on.
 """
@@ -25,8 +30,8 @@ from rewardkit.regularizers.base import Regularizer
 
 
 class KLReferenceOptions(PluginOptions):
-    weight: NonNegativeFloat = 0.04
-    """beta (Flow-GRPO's 0.04 for SD3.5 on GenEval and OCR; rewardkit's default)."""
+    weight: NonNegativeFloat = 0.01
+    """beta, on the exact per-element KL (rewardkit's default; see the module docstring for Flow-GRPO's scale)."""
 
 
 class KLReference(Regularizer):
