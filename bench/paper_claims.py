@@ -378,14 +378,14 @@ def main(argv=None) -> int:
 BEGIN, END = "<!-- paper_claims:begin -->", "<!-- paper_claims:end -->"
 
 
-def _write_block(path: Path, block: str) -> None:
-    """Replace the measured block of docs/results.md, keeping the hand-written text around it."""
-    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+def _write_block(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace a measured block of docs/results.md (between `begin` and `end`), keeping the hand-written text around it."""
+    text = path.read_text() if path.exists() else f"# Results\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{block}{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -334,3 +334,26 @@ def test_jpeg_compressibility_is_minus_pillows_jpeg_size_of_the_saved_image(tmp_
     del recipe["policy_gradient"]
     with pytest.raises(RecipeError, match="'jpeg_compressibility' is not differentiable, so it cannot be trained on pathwise"):
         load_recipe(recipe, registry=load_registry())
+
+
+def test_a_pathwise_recipe_trains_as_before_the_score_function_estimator(tmp_path):
+    """The numbers and weights of a pathwise-only run (LoRA, accumulation, R0+ per sample, the EMA, every R0
+    regularizer) as the code before the estimator computed them (tests/pathwise_golden.py, commit 32c811b): on the
+    machine that wrote them, bit for bit; elsewhere as two Adam runs whose sums ran in another order agree."""
+    from safetensors.torch import load_file
+
+    from conftest import assert_adam_runs_agree
+    from pathwise_golden import golden_recipe, run_golden
+
+    data = Path(__file__).parent / "data"
+    numbers, tensors = run_golden(tmp_path / "run")
+    golden = load_file(data / "pathwise_golden.safetensors")
+    assert tensors.keys() == golden.keys()
+    lr, steps = golden_recipe(tmp_path)["optimizer"]["lr"], golden_recipe(tmp_path)["run"]["steps"]
+    for name in golden:
+        assert_adam_runs_agree(tensors[name], golden[name], lr, steps)
+    expected = json.loads((data / "pathwise_golden.json").read_text())
+    for got, want in zip(numbers, expected, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4), key
