@@ -39,8 +39,12 @@ def run_golden(run_dir: Path) -> tuple[list[dict], dict]:
 
     from rewardkit.optimizer import Optimizer
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one summation order, whatever the machine's cores
-    Optimizer.from_recipe(golden_recipe(run_dir)).fit()
+    try:
+        Optimizer.from_recipe(golden_recipe(run_dir)).fit()
+    finally:
+        torch.set_num_threads(threads)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = run_dir / "checkpoints" / "step_000003"
     tensors = {f"weights.{k}": v for k, v in load_file(final / "generator.safetensors").items()}

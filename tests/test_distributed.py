@@ -104,20 +104,6 @@ def test_bad_distributed_settings_exit_2_before_any_process_starts(tmp_path, wri
         assert not (tmp_path / "run").exists()
 
 
-def test_a_nan_on_one_process_skips_the_step_on_all(tmp_path, write_recipe):
-    """The skip decision is shared: no collective mismatch, the step is skipped everywhere."""
-    from conftest import PLUGIN_FILES
-
-    r = recipe(tmp_path / "run", steps=4)
-    r["rewards"] = {"nan_on_rank_one": {"target": [0.9, 0.1, 0.1]}}
-    plugin = str(PLUGIN_FILES / "nan_on_one_rank.py")
-    proc = run_cli("run", str(write_recipe(r)), "--num-processes", "2", "--plugin", plugin, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    history = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in history if r["skipped"]] == [2]
-    assert history[-1]["nonfinite_total"] == 1
-
-
 def test_noise_optimization_shards_prompt_positions(tmp_path, write_recipe):
     """ReNO-style runs under 2 processes: each sample keeps its prompt's noise row (SampleOptions.prompt_index
     is sharded with the batch), so the optimized table equals the single-process one."""
@@ -196,25 +182,38 @@ def test_bad_multi_node_settings_exit_2(tmp_path, write_recipe, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_a_policy_gradient_next_to_a_pathwise_reward_equals_one_process(tmp_path, write_recipe):
+def test_a_policy_gradient_next_to_a_pathwise_reward_equals_one_process(tmp_path, write_recipe, monkeypatch):
     """Mixed estimators over 2 processes: groups of 4 spread over both, the advantages from both processes' scores,
-    the pathwise and policy terms reduced together (SGD: an unreduced term would move the processes apart)."""
+    the pathwise and policy terms reduced together (SGD: an unreduced term would move the processes apart). A NaN on
+    one process (a throwaway reward, NaN on rank 1 at its second call) skips that step on all of them, with no
+    collective mismatch - as in one process, where the same NaN (RANK=1 set by hand) skips the same step."""
+    from conftest import PLUGIN_FILES
+    from rewardkit.plugins import load_registry
+
+    plugin = str(PLUGIN_FILES / "nan_on_one_rank.py")
+
     def mixed(run_dir):
         return {
-            "run": {"dir": str(run_dir), "steps": 2, "batch_size": 8, "trackers": [], "progress": False, "checkpoint_every": 2},
+            "run": {"dir": str(run_dir), "steps": 3, "batch_size": 8, "trackers": [], "progress": False, "checkpoint_every": 3},
             "prompts": {"train": [f"a handwritten digit {d}" for d in range(6)]},
             "generator": {"type": "testbed", "num_steps": 2, "eta": 0.7, "training": "lora", "lora_rank": 4, "report": False},
             "optimizer": {"name": "sgd", "lr": 0.5},
-            "rewards": {"digit_prototype": {}, "digit_classifier": {"estimator": "score_function"}},
+            "rewards": {"digit_prototype": {}, "digit_classifier": {"estimator": "score_function"},
+                        "nan_on_rank_one": {"target": [0.9, 0.1, 0.1], "weight": 0.1}},
             "policy_gradient": {"group_size": 4},
         }
 
-    Optimizer.from_recipe(mixed(tmp_path / "one")).fit()
-    proc = run_cli("run", str(write_recipe(mixed(tmp_path / "two"))), "--num-processes", "2", timeout=300)
+    proc = run_cli("run", str(write_recipe(mixed(tmp_path / "two"))), "--num-processes", "2", "--plugin", plugin, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    one = load_file(tmp_path / "one" / "checkpoints" / "step_000002" / "generator.safetensors")
-    two = load_file(tmp_path / "two" / "checkpoints" / "step_000002" / "generator.safetensors")
-    start = Optimizer.from_recipe(mixed(tmp_path / "x"))
+    monkeypatch.setenv("RANK", "1")
+    Optimizer.from_recipe(mixed(tmp_path / "one"), registry=load_registry([plugin])).fit()
+    monkeypatch.delenv("RANK")
+    for run in ("one", "two"):
+        history = read_metrics(tmp_path / run / "metrics.jsonl")
+        assert [r["step"] for r in history if r["skipped"]] == [2] and history[-1]["nonfinite_total"] == 1, run
+    one = load_file(tmp_path / "one" / "checkpoints" / "step_000003" / "generator.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoints" / "step_000003" / "generator.safetensors")
+    start = Optimizer.from_recipe(mixed(tmp_path / "x"), registry=load_registry([plugin]))
     start.generator.setup(start.prompts, 0)
     initial = {n: p.detach() for n, p in start.generator.named_parameters() if p.requires_grad}
     assert max(float((one[n] - initial[n]).abs().max()) for n in one) > 1e-4  # the weights moved
