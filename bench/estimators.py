@@ -4,7 +4,8 @@
     python bench/estimators.py --seeds 0 1 2 --steps 100 --per-digit 15 --jobs 2
 
 Every run is recipes/grpo_testbed.toml (LoRA rank 4 on the 4-step teacher,
-eta 0.7, Adam, weight L2) with its rewards changed, run through the public
+eta 0.7, Adam, KL 0.01 to the teacher) with its rewards changed (and R0's
+regularizers, below), run through the public
 API and judged by the independent evaluator (rewardkit.testbed.evaluate),
 sampling as trained (eta 0.7):
 

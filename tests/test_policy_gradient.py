@@ -353,7 +353,9 @@ def test_a_pathwise_recipe_trains_as_before_the_score_function_estimator(tmp_pat
     for name in golden:
         assert_adam_runs_agree(tensors[name], golden[name], lr, steps)
     expected = json.loads((data / "pathwise_golden.json").read_text())
-    for got, want in zip(numbers, expected, strict=True):
+    # step 1 is computed from the initial weights (float32 sums: 1e-5); later steps from weights Adam may have moved
+    # apart by up to 2 lr each where a gradient is near zero (a few of thousands): the numbers agree to about 1e-3
+    for step, (got, want) in enumerate(zip(numbers, expected, strict=True), 1):
         assert got.keys() == want.keys()
         for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+            assert got[key] == pytest.approx(want[key], rel=1e-5 if step == 1 else 1e-3, abs=1e-9), (step, key)

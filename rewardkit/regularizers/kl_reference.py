@@ -13,7 +13,9 @@ frozen model, without gradient, per trained update.
 This is the exact KL of the two steps. Flow-GRPO's code divides by the SDE's
 2 sigma_t^2 rather than the step's variance 2 sigma_t^2 (t - s), so its KL is
 this one times t - s, update by update, and its beta corresponds to about
-beta x mean(t - s) here (0.04 on SD3.5's 10-step schedule: about 0.003).
+beta x mean(t - s) here: 0.04 is about 0.003 on rewardkit's trailing 10-step
+SD3.5 schedule (mean t - s = 1/12). Only about: t - s runs from 0.036 to
+0.18 over those updates, so one beta weighs them differently than Flow-GRPO's.
 
 `weight_l2` constrains the weights wherever the samples are; this constrains
 what the sampler does on the samples the policy is trained on.
