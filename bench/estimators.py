@@ -26,7 +26,6 @@ sample standard deviation over the seeds.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -34,10 +33,8 @@ import time
 import tomllib
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from paper_claims import _write_block, ms, table, train_and_evaluate  # noqa: E402
+from paper_claims import _write_block, ms, table, train_and_evaluate, worker_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "grpo_testbed.toml"
@@ -65,25 +62,18 @@ def recipe_for(method: str, seed: int, steps: int, batch: int, run_dir: Path) ->
     return r
 
 
-_REFERENCE = None
-
-
 def job(task: dict):
     """One run (or the teacher's evaluation) in a worker process of one thread."""
-    global _REFERENCE
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rewardkit.testbed.evaluate import EVAL_SEED, Reference, evaluate_generator, teacher
+    reference = worker_reference()
+    from rewardkit.testbed.evaluate import EVAL_SEED, evaluate_generator, teacher
 
-    if _REFERENCE is None:
-        _REFERENCE = Reference()
     seed, per_digit = task["seed"], 1 if task.get("probe") else task["per_digit"]
     if task["method"] == "teacher":
         eta = tomllib.loads(RECIPE.read_text())["generator"]["eta"]
-        return evaluate_generator(teacher(4, 1.0, eta=eta), _REFERENCE, per_digit, seed=EVAL_SEED + seed)
+        return evaluate_generator(teacher(4, 1.0, eta=eta), reference, per_digit, seed=EVAL_SEED + seed)
     run_dir = Path(task["root"]) / f"{task['method']}_{seed}_{task['steps']}{'_probe' if task.get('probe') else ''}"
     recipe = recipe_for(task["method"], seed, task["steps"], task["batch"], run_dir)
-    return train_and_evaluate(recipe, _REFERENCE, per_digit, EVAL_SEED + seed, False)[-1]
+    return train_and_evaluate(recipe, reference, per_digit, EVAL_SEED + seed, False)[-1]
 
 
 def main(argv=None) -> int:

@@ -179,24 +179,32 @@ CURVES = ("r0", "r0plus", "r0plus_random")  # evaluated at every checkpoint: (e)
 _REFERENCE = None
 
 
-def job(task: dict):
-    """One unit of work, run in a worker process: a training run, a probe, or a teacher evaluation."""
+def worker_reference():
+    """Set up a benchmark worker process (one thread, offline) and give its evaluator Reference, built once per process."""
     global _REFERENCE
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rewardkit.testbed.evaluate import EVAL_SEED, Reference, evaluate_generator, teacher
+    from rewardkit.testbed.evaluate import Reference
 
     if _REFERENCE is None:
         _REFERENCE = Reference()
+    return _REFERENCE
+
+
+def job(task: dict):
+    """One unit of work, run in a worker process: a training run, a probe, or a teacher evaluation."""
+    reference = worker_reference()
+    from rewardkit.testbed.evaluate import EVAL_SEED, evaluate_generator, teacher
+
     args, name, seed = task["args"], task["name"], task["seed"]
     if name.startswith("teacher"):
         _, steps, cfg = name.split(":")
-        return evaluate_generator(teacher(int(steps), float(cfg)), _REFERENCE, args.per_digit, seed=EVAL_SEED + seed)
+        return evaluate_generator(teacher(int(steps), float(cfg)), reference, args.per_digit, seed=EVAL_SEED + seed)
     recipe = recipe_for(name, seed, task["steps"], args, Path(task["root"]) / ("probes" if task.get("probe") else "runs"))
     if name == "reno":
-        return reno_and_evaluate(recipe, _REFERENCE, args.per_digit)
+        return reno_and_evaluate(recipe, reference, args.per_digit)
     per_digit = 1 if task.get("probe") else args.per_digit
-    return train_and_evaluate(recipe, _REFERENCE, per_digit, EVAL_SEED + seed, name in CURVES and not task.get("probe"))
+    return train_and_evaluate(recipe, reference, per_digit, EVAL_SEED + seed, name in CURVES and not task.get("probe"))
 
 
 def run_jobs(pool, tasks: list[dict], log, save=None) -> list:
