@@ -161,6 +161,19 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1), help="data-loading processes decoding images (default: up to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
+    p = sub.add_parser(
+        "serve-reward", parents=[common], help="serve a reward over HTTP for the `remote` reward",
+        description="Serve the registered reward NAME over HTTP (FastAPI + uvicorn) for `type = \"remote\"` rewards to call: "
+        "GET /info, POST /score (images and scores as safetensors; image gradients of differentiable rewards). Needs the "
+        "`serve` extra: pip install 'rewardkit[serve]'.",
+    )
+    p.add_argument("name", help="a reward plugin, e.g. hps (see `rewardkit plugins`)")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the reward (repeatable; values read as TOML)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines)")
+    p.add_argument("--port", type=at_least(1, 65536), default=8100, help="default 8100")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--max-batch", type=at_least(1), default=256, help="most images one request may hold (default 256)")
+
     for name, command in sorted((commands or {}).items()):
         p = sub.add_parser(name, parents=[common], help=f"{command.help} [{command.package}]", description=command.help)
         if command.arguments is not None:
@@ -419,7 +432,17 @@ def cmd_train_hires(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval, "train-hires": cmd_train_hires}
+def cmd_serve_reward(args) -> int:
+    from rewardkit.plugins import load_registry
+    from rewardkit.reward_server import build_reward, require_server_packages, serve
+
+    require_server_packages()
+    reward = build_reward(args.name, args.option, load_registry(args.plugin), args.device)
+    serve(reward, args.host, args.port, args.max_batch)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval, "train-hires": cmd_train_hires, "serve-reward": cmd_serve_reward}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,8 @@ def register_rewards(register):
     from rewardkit.rewards.color import Color
     from rewardkit.rewards.high_resolution import HighResolution
     from rewardkit.rewards.jpeg_compressibility import JpegCompressibility
+    from rewardkit.rewards.remote import Remote
+    from rewardkit.rewards.vlm_judge import VLMJudge
     from rewardkit.rewards.smoothness import Smoothness
 
     register(Color)
@@ -25,3 +27,5 @@ def register_rewards(register):
     register(HighResolution)
     register(ClassifierFreeGuidance)
     register(JpegCompressibility)
+    register(Remote)
+    register(VLMJudge)

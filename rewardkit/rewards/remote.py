@@ -1,0 +1,203 @@
+"""`remote`: a reward computed by `rewardkit serve-reward` servers, and the protocol they speak.
+
+A reward with heavy or conflicting dependencies (GenEval's mmdet pins, a
+7B judge) runs in its own environment or on its own machine::
+
+    rewardkit serve-reward hps --port 8100 -o version=v2.1      # there
+    [rewards.hps]                                                # here
+    type = "remote"
+    url = ["http://gpu1:8100", "http://gpu2:8100"]
+
+The protocol (version 1). ``GET /info`` answers JSON: the reward's name,
+whether it is differentiable, its input size. ``POST /score`` takes a
+safetensors file: tensor ``images`` (B, 3, H, W), float32 in [0, 1] or uint8,
+and in the file's metadata ``prompts`` (a JSON list of B strings) and
+``gradient`` ("1" to ask for d scores / d images). It answers a safetensors
+file with ``scores`` (B,) float32 and, when asked, ``gradient`` (B, 3, H, W)
+float32. A differentiable remote reward therefore still trains pathwise: its
+forward is an autograd function whose backward is the server's gradient.
+
+A batch is split across the servers (one request each, concurrently); a
+failed request is retried on another (rewardkit.rewards.endpoints). A batch
+no server could score gets NaN scores (logged): the optimizer skips that
+step and counts it like a non-finite step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field
+
+from rewardkit.errors import UserError
+from rewardkit.rewards.base import Reward, RewardOptions
+from rewardkit.rewards.endpoints import Endpoints, Unavailable, server_urls
+
+log = logging.getLogger("rewardkit")
+
+PROTOCOL = 1
+MEDIA_TYPE = "application/vnd.rewardkit.safetensors"
+
+
+# --- the wire format: safetensors files, prompts as JSON in their metadata ------------------------------------------
+def encode_request(images: torch.Tensor, prompts: Sequence[str], gradient: bool, transfer: str = "float32") -> bytes:
+    from safetensors.torch import save
+
+    x = images.detach().float().cpu()
+    if transfer == "uint8":  # what a non-differentiable reward sees anyway (OCR, JPEG, a VLM): 4x fewer bytes
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return save({"images": x.contiguous()}, metadata={"prompts": json.dumps(list(prompts)), "gradient": "1" if gradient else "0"})
+
+
+def decode_request(body: bytes) -> tuple[torch.Tensor, list[str], bool]:
+    """(images float32 in [0, 1], prompts, gradient asked); ValueError naming what is malformed."""
+    tensors, metadata = _load(body)
+    images = tensors.get("images")
+    if images is None or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        raise ValueError("the request needs a tensor 'images' of shape (B, 3, H, W), B >= 1")
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    elif images.dtype != torch.float32:
+        raise ValueError(f"'images' must be float32 or uint8, not {images.dtype}")
+    try:
+        prompts = json.loads(metadata["prompts"])
+    except (KeyError, ValueError):
+        raise ValueError("the request's metadata needs 'prompts', a JSON list of strings") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or len(prompts) != images.shape[0]:
+        raise ValueError(f"'prompts' must be a JSON list of {images.shape[0]} strings, one per image")
+    return images, prompts, metadata.get("gradient") == "1"
+
+
+def encode_response(scores: torch.Tensor, gradient: torch.Tensor | None) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {"scores": scores.detach().float().cpu().contiguous()}
+    if gradient is not None:
+        tensors["gradient"] = gradient.detach().float().cpu().contiguous()
+    return save(tensors)
+
+
+def decode_response(body: bytes, n: int, shape: tuple[int, ...], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tensors, _ = _load(body)
+    scores, grad = tensors.get("scores"), tensors.get("gradient")
+    if scores is None or tuple(scores.shape) != (n,) or (gradient and (grad is None or tuple(grad.shape) != shape)):
+        raise ValueError(f"the server's answer is not {n} scores" + (f" and a gradient of shape {shape}" if gradient else ""))
+    return scores.float(), (grad.float() if gradient else None)
+
+
+def _load(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load
+
+    try:
+        # the header's length (8 bytes, little-endian), then the JSON header, whose __metadata__ holds the strings
+        header = json.loads(body[8 : 8 + int.from_bytes(body[:8], "little")])
+        return load(body), header.get("__metadata__") or {}
+    except Exception as exc:  # truncated or not safetensors at all
+        raise ValueError(f"not a safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+# --- the reward --------------------------------------------------------------------------------------------------
+class RemoteOptions(RewardOptions):
+    url: str | list[str]
+    """The `rewardkit serve-reward` server(s), e.g. 'http://127.0.0.1:8100'; with several, each batch is split across them."""
+    timeout: float = Field(default=120.0, gt=0)
+    """Seconds to wait for one server's answer to one request before trying another."""
+    retries: int = Field(default=2, ge=0)
+    """Further tries of a failed request, each on the next server; then the batch scores NaN and its step is skipped."""
+    transfer: Literal["float32", "uint8"] = "float32"
+    """How images travel: float32 (exact, needed for gradients) or uint8 (4x smaller; for non-differentiable rewards)."""
+
+
+class Remote(Reward):
+    """A reward computed by `rewardkit serve-reward` servers; differentiable when the served reward is."""
+
+    name = "remote"
+    Options = RemoteOptions
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        what = "remote reward"
+        self.endpoints = Endpoints(server_urls(o.url, what=what), timeout=o.timeout, retries=o.retries, what=what)
+        self.info = self._info()
+        self.differentiable = bool(self.info["differentiable"])
+        if self.differentiable and o.transfer == "uint8":
+            log.info("remote reward: transfer = 'uint8' quantizes the images the gradient is taken at")
+        self.input_size = tuple(self.info["input_size"]) if self.info.get("input_size") else None
+        self.failed_batches = 0
+        self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints.urls), thread_name_prefix="rewardkit-remote")
+
+    def _info(self) -> dict:
+        """Every server's /info (those that answer): they must serve one reward, in this protocol."""
+        answers, errors = {}, []
+        for i, url in enumerate(self.endpoints.urls):
+            try:
+                answers[url] = self.endpoints.request("GET", "/info", start=i).json()
+            except Unavailable as exc:
+                errors.append(str(exc))
+        if not answers:
+            raise UserError(f"remote reward: no server answered /info at {', '.join(self.endpoints.urls)} ({'; '.join(errors)}). "
+                            "Start one with `rewardkit serve-reward NAME --host HOST --port PORT` and set `url` to it.")
+        for url in set(self.endpoints.urls) - set(answers):
+            log.warning("remote reward: %s did not answer; it is tried again as requests come", url)
+        served = {(a.get("protocol"), a.get("name"), a.get("differentiable")) for a in answers.values()}
+        if len(served) > 1:
+            raise UserError(f"remote reward: the servers serve different things: {sorted(map(str, served))}; give one reward's servers")
+        info = next(iter(answers.values()))
+        if info.get("protocol") != PROTOCOL:
+            raise UserError(f"remote reward: {next(iter(answers))} speaks protocol {info.get('protocol')}, this rewardkit {PROTOCOL}: "
+                            "use the same rewardkit version on both sides")
+        return info
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images and {len(prompts)} prompts")
+        return _RemoteScore.apply(images, list(prompts), self)
+
+    def score_batch(self, images: torch.Tensor, prompts: list[str], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores (and gradients) of a batch, split across the servers; NaN (and a warning) when no server could score it."""
+        n = len(self.endpoints.urls)
+        chunks = [c for c in torch.arange(len(prompts)).tensor_split(min(n, len(prompts)))]
+        first = self.endpoints.start()
+        futures = [self._pool.submit(self._score_chunk, images[c], [prompts[i] for i in c], gradient, (first + j) % n)
+                   for j, c in enumerate(chunks)]
+        try:
+            parts = [f.result() for f in futures]
+        except Unavailable as exc:
+            self.failed_batches += 1
+            log.warning("%s; the batch of %d images scores NaN, so its step is skipped (%d batch(es) failed so far)",
+                        exc, len(prompts), self.failed_batches)
+            nan = torch.full((len(prompts),), float("nan"))
+            return nan, (torch.full(images.shape, float("nan")) if gradient else None)
+        scores = torch.cat([s for s, _ in parts])
+        return scores, (torch.cat([g for _, g in parts]) if gradient else None)
+
+    def _score_chunk(self, images: torch.Tensor, prompts: list[str], gradient: bool, start: int):
+        body = encode_request(images, prompts, gradient, self.options.transfer)
+        response = self.endpoints.request("POST", "/score", start=start, data=body, headers={"Content-Type": MEDIA_TYPE})
+        try:
+            return decode_response(response.content, len(prompts), tuple(images.shape), gradient)
+        except ValueError as exc:
+            raise UserError(f"remote reward: {response.url} answered with something else than scores: {exc}") from None
+
+
+class _RemoteScore(torch.autograd.Function):
+    """Scores from the servers; with images that require grad, the servers' gradient is the backward."""
+
+    @staticmethod
+    def forward(ctx, images, prompts, reward):
+        wanted = ctx.needs_input_grad[0] and reward.differentiable
+        scores, gradient = reward.score_batch(images, prompts, gradient=wanted)
+        ctx.save_for_backward(gradient.to(images) if gradient is not None else None)
+        return scores.to(images.device)
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        (gradient,) = ctx.saved_tensors
+        if gradient is None:
+            raise RuntimeError("remote reward: the served reward is not differentiable")
+        return grad_scores.view(-1, 1, 1, 1) * gradient, None, None
