@@ -129,7 +129,8 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("generators", nargs="*", metavar="GENERATOR_SPEC")
     p.add_argument("--prompts", help="prompt file (.txt, .json, .csv) or a folder of per-style .json files")
-    p.add_argument("--metrics", default=None, help="comma list of reward plugins and 'fid' (default: hps,aesthetic,clip,imagereward, plus fid with --reference)")
+    p.add_argument("--metrics", default=None, help="comma list of reward plugins and 'fid' (default: hps,aesthetic,clip,imagereward, plus fid with --reference); "
+                   "LABEL=NAME names a column, so one plugin can fill several (e.g. hps,hps_remote=remote)")
     p.add_argument("--reference", help="real images for FID: a folder, or a .safetensors file from --save-reference-stats")
     p.add_argument("--save-reference-stats", metavar="PATH", help="compute FID statistics of --reference and save them to PATH (.safetensors)")
     p.add_argument("--fid-weights", metavar="PATH", help="InceptionV3 weights file for FID (default: torch-fidelity's file in the torch hub cache)")
@@ -139,7 +140,7 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval", help="output folder (default ./eval); generated images are cached under OUT/images/")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--batch-size", type=at_least(1), default=8)
-    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE", help="an option of a metric's reward plugin (repeatable)")
+    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE", help="an option of a metric's reward plugin, METRIC its label (repeatable)")
     p.add_argument("--ema", action="store_true", help="run-directory generators use the moving average of their weights (runs with optimizer.ema_decay)")
 
     p = sub.add_parser(

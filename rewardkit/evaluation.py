@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -171,16 +172,26 @@ def _square_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # --- metrics -------------------------------------------------------------------
-def resolve_metrics(names: Sequence[str], registry) -> list[str]:
-    out = []
-    for name in names:
-        name = ALIASES.get(name, name)
+def resolve_metrics(names: Sequence[str], registry) -> dict[str, str]:
+    """--metrics' entries as {label: reward plugin or 'fid'}: 'NAME' (its own label; aliases resolved) or 'LABEL=NAME',
+    which lets one plugin serve several columns (two `remote` servers, a local and a remote HPS)."""
+    out = {}
+    for entry in names:
+        label, _, name = entry.rpartition("=")
+        name = ALIASES.get(name.strip(), name.strip())
+        label = label.strip() or name
+        if not re.fullmatch(r"[\w-]+", label):
+            raise UserError(f"--metrics: {entry!r}: a label is letters, digits, '_' and '-' (it names the column and --metric-option LABEL.KEY)")
         if name != "fid" and name not in registry.plugins["reward"]:
             known = sorted(set(registry.names("reward")) | {"fid", *ALIASES})
             hint = did_you_mean(name, known)
             install = "" if hint else " (the paper's rewards come with pip install 'rewardkit[all]')"
             raise UserError(f"--metrics: no reward plugin or metric named '{name}'{hint}{install}; available: {', '.join(known)}")
-        out.append(name)
+        if name == "fid" and label != "fid":
+            raise UserError(f"--metrics: {entry!r}: fid is not a reward and takes no label")
+        if label in out:
+            raise UserError(f"--metrics: the column '{label}' is named twice; give one of them a label, e.g. {label}2={name}")
+        out[label] = name
     return out
 
 
@@ -314,7 +325,7 @@ def evaluate(
     metrics = resolve_metrics(metrics, registry)
     specs = [parse_generator_spec(g, ema) for g in generators]  # all checked before any model loads
     fid = None
-    if "fid" in metrics:
+    if "fid" in metrics.values():
         if reference is None:
             raise UserError("--metrics includes fid, which needs --reference: a folder of real images, or statistics saved with --save-reference-stats")
         reference = Path(reference)
@@ -322,7 +333,7 @@ def evaluate(
             raise UserError(f"--reference {reference}: no such file or folder")
         fid = FID(fid_weights, fid_dims)
         fid.add_reference(reference)
-    rewards = build_rewards([m for m in metrics if m != "fid"], registry, metric_options)
+    rewards = build_rewards({label: name for label, name in metrics.items() if name != "fid"}, registry, metric_options)
 
     rows = []
     for spec in specs:
@@ -338,26 +349,27 @@ def evaluate(
             mask = torch.tensor([s == style for s in expanded_styles])
             row.by_style[style] = {label: float(s[mask].mean()) for label, s in scores.items()}
         rows.append(row)
-    write_table(rows, metrics, out)
+    write_table(rows, list(metrics), out)
     return rows
 
 
-def build_rewards(names: Sequence[str], registry, metric_options: Sequence[str]) -> dict:
+def build_rewards(names: dict[str, str], registry, metric_options: Sequence[str]) -> dict:
+    """{label: the built reward} for {label: reward plugin}, with --metric-option LABEL.KEY=VALUE applied."""
     from rewardkit.options import validate_plugin_options
     from rewardkit.images import default_device
 
-    options: dict[str, dict] = {name: {} for name in names}
+    options: dict[str, dict] = {label: {} for label in names}
     for text in metric_options:
         keys, value = parse_override(text)
-        name = ALIASES.get(keys[0], keys[0])
-        if name not in options or len(keys) != 2:
+        label = ALIASES.get(keys[0], keys[0])
+        if label not in options or len(keys) != 2:
             raise UserError(f"--metric-option {text!r}: expected METRIC.KEY=VALUE for one of the chosen metrics ({', '.join(names)})")
-        options[name][keys[1]] = value
+        options[label][keys[1]] = value
     rewards = {}
-    for name in names:
+    for label, name in names.items():
         cls = registry.get("reward", name)
-        validate_plugin_options(cls, options[name], name, source="--metric-option")
-        rewards[name] = cls(**options[name]).requires_grad_(False).eval().to(default_device())
+        validate_plugin_options(cls, options[label], label, source="--metric-option")
+        rewards[label] = cls(**options[label]).requires_grad_(False).eval().to(default_device())
     return rewards
 
 

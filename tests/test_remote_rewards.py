@@ -139,6 +139,17 @@ def test_a_remote_reward_trains_as_the_local_one_does(servers, tmp_path):
         assert b["grad_norm/digits"] == pytest.approx(a["grad_norm/digits"], rel=1e-4)
     assert here[1]["reward/digits"] != here[0]["reward/digits"]
 
+    # evaluation mixes local and remote rewards, one plugin in two columns under labels
+    from rewardkit.cli import main
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    assert main(["eval", str(tmp_path / "remote"), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "ev"),
+                 "--metrics", "digit_classifier,served=remote,smoothness", "--metric-option", f"served.url={servers[1].url}"]) == 0
+    (row,) = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    assert set(row["metrics"]) == {"digit_classifier", "served", "smoothness"}
+    assert row["metrics"]["served"] == pytest.approx(row["metrics"]["digit_classifier"], rel=1e-5)
+    assert "| Model | Steps | digit_classifier | served | smoothness |" in (tmp_path / "ev" / "results.md").read_text()
+
 
 def test_outages_a_killed_server_is_survived_a_hung_one_times_out_a_lost_batch_scores_nan(servers, tmp_path, caplog):
     from rewardkit.errors import TrainingDiverged
