@@ -42,6 +42,13 @@ TINY_IR = dict(
     text_hidden=64, text_layers=2, text_intermediate=128, vocab_size=30524, max_positions=40,
 )  # fmt: skip
 
+TINY_PICKSCORE = dict(
+    projection_dim=32,
+    text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                     vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513),
+    vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+)  # fmt: skip
+
 
 # ----------------------------------------------------------------------------- full-size parameter counts
 def full_size_params() -> dict[str, int]:
@@ -65,6 +72,13 @@ def full_size_params() -> dict[str, int]:
 
         with torch.device("meta"):
             counts["imagereward"] = sum(p.numel() for p in ImageRewardModel(full_size_shapes()).parameters())
+    except ImportError:
+        pass
+    try:
+        from rewardkit_pickscore.model import PickScoreNet, full_size_config
+
+        with torch.device("meta"):
+            counts["pickscore"] = sum(p.numel() for p in PickScoreNet(full_size_config()).parameters())
     except ImportError:
         pass
     return counts
@@ -102,6 +116,10 @@ def build_tiny(tmp: Path) -> dict:
     except ImportError:
         pass
     try:
+        rewards["pickscore"] = _tiny_pickscore(tmp)
+    except ImportError:
+        pass
+    try:
         from rewardkit_pyiqa import PyIQA
 
         rewards["pyiqa (cnniqa)"] = PyIQA(metric="cnniqa", metric_options={"pretrained": None})
@@ -133,6 +151,45 @@ def _random_imagereward(shapes):
     return make
 
 
+def _pickscore_processor(tmp: Path, image_size: int) -> Path:
+    """A character-level CLIP vocabulary (end-of-text the highest id) and the published preprocessing at image_size."""
+    from rewardkit.testbed.models import byte_characters
+
+    chars = byte_characters()
+    vocab = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    folder = tmp / f"pickscore-processor-{image_size}"
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": image_size, "crop_size": image_size}))
+    return folder
+
+
+def _tiny_pickscore(tmp: Path, **options):
+    from transformers import CLIPConfig, CLIPModel
+
+    from rewardkit_pickscore import PickScore
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(**TINY_PICKSCORE)).save_pretrained(tmp / "pickscore")
+    return PickScore(weights=str(tmp / "pickscore"), processor=str(_pickscore_processor(tmp, 32)), **options)
+
+
+def _full_pickscore(tmp: Path, **options):
+    """Full-size CLIP-H, random weights, no download; the plugin's loaders are replaced for the rest of the process."""
+    import rewardkit_pickscore as ps
+    from rewardkit_pickscore import model as m
+
+    def make(config_path, weights_path, dtype=torch.float32):
+        net = m.PickScoreNet(m.full_size_config())
+        net.clip.init_weights()  # PickScoreNet skips initialization (a checkpoint overwrites every tensor)
+        return net.to(dtype).eval().requires_grad_(False)
+
+    m.resolve_model_files = lambda ref: (Path("unused"), Path("unused"))
+    ps.load_net = make
+    return ps.PickScore(processor=str(_pickscore_processor(tmp, 224)), **options)
+
+
 def _random_open_clip(name, checkpoint, *, what, quick_gelu=False, dtype=torch.float32, vision_only=False):
     """The plugin's open_clip loader, with random weights and no cache: HPS and CLIP score get a ViT-H-14 each."""
     import open_clip
@@ -142,7 +199,7 @@ def _random_open_clip(name, checkpoint, *, what, quick_gelu=False, dtype=torch.f
     return model, None if vision_only else open_clip.get_tokenizer(name)
 
 
-def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imagereward"), **options) -> dict:
+def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imagereward", "pickscore"), **options) -> dict:
     """Full-size architectures with random weights (no download), `names` of them, each built with `options`.
 
     The plugins' loaders are replaced for the rest of this process (a benchmark's process): rewards with
@@ -163,6 +220,8 @@ def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imager
         from rewardkit_imagereward.model import full_size_shapes
 
         rewards["imagereward"] = _imagereward_with(_random_imagereward(full_size_shapes()), tmp, **options)
+    if "pickscore" in names:
+        rewards["pickscore"] = _full_pickscore(tmp, **options)
     return rewards
 
 
@@ -250,6 +309,7 @@ def _describe(name: str, reward) -> str:
         "clip_score": "open_clip ViT-H-14 laion2b_s32b_b79k",
         "laion_aesthetic": "CLIP ViT-L/14 image tower + v2 MLP",
         "imagereward": "BLIP ViT-L/16 + BERT-base (cross-attn) + MLP",
+        "pickscore": "PickScore v1: CLIP-H (transformers CLIPModel)",
     }.get(name, f"pyiqa {getattr(reward.options, 'metric', '')}")
 
 
