@@ -81,6 +81,13 @@ def full_size_params() -> dict[str, int]:
             counts["pickscore"] = sum(p.numel() for p in PickScoreNet(full_size_config()).parameters())
     except ImportError:
         pass
+    try:
+        from rewardkit_hpsv3.model import FULL_CONFIG, FULL_VOCAB, HPSv3Model, architecture_config
+
+        with torch.device("meta"):
+            counts["hpsv3"] = sum(p.numel() for p in HPSv3Model(architecture_config(FULL_CONFIG, FULL_VOCAB)).parameters())
+    except ImportError:
+        pass
     return counts
 
 
@@ -117,6 +124,14 @@ def build_tiny(tmp: Path) -> dict:
         pass
     try:
         rewards["pickscore"] = _tiny_pickscore(tmp)
+    except ImportError:
+        pass
+    try:
+        from rewardkit_hpsv3 import HPSv3
+        from rewardkit_hpsv3.tiny import write_tiny_files
+
+        folder = write_tiny_files(tmp / "hpsv3")
+        rewards["hpsv3"] = HPSv3(weights=str(folder / "HPSv3.safetensors"), processor=str(folder / "processor"))
     except ImportError:
         pass
     try:
@@ -190,6 +205,30 @@ def _full_pickscore(tmp: Path, **options):
     return ps.PickScore(processor=str(_pickscore_processor(tmp, 224)), **options)
 
 
+def _full_hpsv3(tmp: Path, **options):
+    """Full-size Qwen2-VL-7B + HPSv3's head, random weights, no download (a stand-in tokenizer, the published image
+    settings); the plugin's loader is replaced for the rest of the process."""
+    import rewardkit_hpsv3 as h3
+    from rewardkit_hpsv3.model import FULL_CONFIG, FULL_VOCAB, HPSv3Model, architecture_config
+    from rewardkit_hpsv3.tiny import write_tiny_files
+
+    folder = write_tiny_files(tmp / "hpsv3")
+
+    def make(weights, processor, dtype=torch.float32):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # 7.7 B parameters built directly in dtype
+        try:
+            net = HPSv3Model(architecture_config(FULL_CONFIG, FULL_VOCAB))
+        finally:
+            torch.set_default_dtype(default)
+        net.rm_head.float()
+        net.image_token_id = processor.image_token_id
+        return net.eval().requires_grad_(False)
+
+    h3.load_model = make
+    return h3.HPSv3(weights="unused", processor=str(folder / "processor"), **options)
+
+
 def _random_open_clip(name, checkpoint, *, what, quick_gelu=False, dtype=torch.float32, vision_only=False):
     """The plugin's open_clip loader, with random weights and no cache: HPS and CLIP score get a ViT-H-14 each."""
     import open_clip
@@ -199,7 +238,7 @@ def _random_open_clip(name, checkpoint, *, what, quick_gelu=False, dtype=torch.f
     return model, None if vision_only else open_clip.get_tokenizer(name)
 
 
-def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imagereward", "pickscore"), **options) -> dict:
+def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imagereward", "pickscore", "hpsv3"), **options) -> dict:
     """Full-size architectures with random weights (no download), `names` of them, each built with `options`.
 
     The plugins' loaders are replaced for the rest of this process (a benchmark's process): rewards with
@@ -222,6 +261,8 @@ def build_full(tmp: Path, names=("hps", "clip_score", "laion_aesthetic", "imager
         rewards["imagereward"] = _imagereward_with(_random_imagereward(full_size_shapes()), tmp, **options)
     if "pickscore" in names:
         rewards["pickscore"] = _full_pickscore(tmp, **options)
+    if "hpsv3" in names:
+        rewards["hpsv3"] = _full_hpsv3(tmp, **options)
     return rewards
 
 
@@ -310,6 +351,7 @@ def _describe(name: str, reward) -> str:
         "laion_aesthetic": "CLIP ViT-L/14 image tower + v2 MLP",
         "imagereward": "BLIP ViT-L/16 + BERT-base (cross-attn) + MLP",
         "pickscore": "PickScore v1: CLIP-H (transformers CLIPModel)",
+        "hpsv3": "Qwen2-VL-7B-Instruct + HPSv3 reward head (mu)",
     }.get(name, f"pyiqa {getattr(reward.options, 'metric', '')}")
 
 
