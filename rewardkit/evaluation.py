@@ -185,7 +185,8 @@ def resolve_metrics(names: Sequence[str], registry) -> dict[str, str]:
         if name != "fid" and name not in registry.plugins["reward"]:
             known = sorted(set(registry.names("reward")) | {"fid", *ALIASES})
             hint = did_you_mean(name, known)
-            install = "" if hint else " (the paper's rewards come with pip install 'rewardkit[all]')"
+            install = "" if hint else (" (the paper's rewards come with pip install 'rewardkit[all]'; from a checkout: "
+                                       "pip install -e plugins/rewardkit-NAME, docs/rewards.md#installing)")
             raise UserError(f"--metrics: no reward plugin or metric named '{name}'{hint}{install}; available: {', '.join(known)}")
         if name == "fid" and label != "fid":
             raise UserError(f"--metrics: {entry!r}: fid is not a reward and takes no label")
