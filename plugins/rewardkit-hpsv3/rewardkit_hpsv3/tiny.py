@@ -38,16 +38,16 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "
 
 
 def tiny_tokenizer():
-    """A byte-level Qwen2 BPE tokenizer built in memory (rewardkit.testbed's byte alphabet) with Qwen2-VL's special
+    """A byte-level Qwen2 BPE tokenizer built in memory (the tokenizers library's byte-level alphabet) with Qwen2-VL's special
     tokens, plus merges for the words of HPSv3's prompt and the chat template so that the ~2,600 characters of
     HPSv3's text are ~540 tokens, about what Qwen's real vocabulary gives (bytes alone would be 2,600 tokens and
     make the tiny language model five times slower). Any text still tokenizes (every byte is a token)."""
+    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2Tokenizer
 
-    from rewardkit.testbed.models import byte_characters
     from rewardkit_hpsv3.model import hpsv3_text
 
-    chars = byte_characters()
+    chars = sorted(ByteLevel.alphabet())  # the 256 characters byte-level BPE stands for bytes with
     vocab = {c: i for i, c in enumerate(chars)}
     splitter = Qwen2Tokenizer(vocab=dict(vocab), merges=[]).backend_tokenizer.pre_tokenizer
     merges = []
