@@ -4,7 +4,8 @@
         --prompts prompts.txt --metrics hps,aesthetic,clip,imagereward,fid --reference coco5k/
 
 One row per generator. Images are generated with fixed seeds, saved as PNG
-under OUT/images/<key>/ and reused by later calls with the same generator,
+under OUT/images/<key>/ (a captioned grid of the first ones in
+OUT/grids/<key>.png) and reused by later calls with the same generator,
 steps, seed, prompts and count, so re-scoring with another metric never
 regenerates. Every metric scores the saved 8-bit images, so a fresh and a
 cached call give the same numbers.
@@ -114,20 +115,22 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
     manifest = folder / "manifest.json"
     expanded = [p for p in prompts for _ in range(n)]
     paths = [folder / f"{i:05d}.png" for i in range(len(expanded))]
+    grid, grid_index, grid_columns = out / "grids" / f"{key}.png", *_grid_layout(len(prompts), n)
     if manifest.is_file() and all(p.is_file() for p in paths):
         try:
             ms = json.loads(manifest.read_text(encoding="utf-8")).get("ms_per_image")
             log.info("%s: reusing %d cached images in %s", spec.label, len(paths), folder)
+            if not grid.is_file():  # images cached before grids were written
+                _save_eval_grid(load_images([paths[i] for i in grid_index]), expanded, grid_index, grid_columns, grid, spec.label)
             return paths, ms, key
         except (ValueError, AttributeError):  # a damaged manifest: the cache is not trusted, the images are made again
             log.warning("%s: %s does not parse; generating the images again", spec.label, manifest)
 
     import time
 
-    from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
-    from rewardkit.images import fixed_noise, generate
+    from rewardkit.images import fixed_noise, generate, progress_disable, save_image
 
     generator = spec.build(registry, prompts, seed)
     options = generator.sample_options()
@@ -135,16 +138,43 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
         options = options.replace(num_steps=steps)
     noise = fixed_noise(generator, len(expanded), seed)
     folder.mkdir(parents=True, exist_ok=True)
-    elapsed = 0.0
-    for start in tqdm(range(0, len(expanded), batch_size), desc=f"generating {spec.label}", leave=False):
+    elapsed, picked = 0.0, {}
+    bar = tqdm(total=len(expanded), desc=f"generating {spec.label}", unit="image", leave=False, disable=progress_disable(), dynamic_ncols=True)
+    for start in range(0, len(expanded), batch_size):
         t = time.perf_counter()
         images = generate(generator, expanded[start : start + batch_size], noise[start : start + batch_size], options, batch_size)
         elapsed += time.perf_counter() - t
         for j, img in enumerate(images):
             save_image(img, paths[start + j])
+        picked.update({start + j: img for j, img in enumerate(images) if start + j in grid_index})  # the grid's few, kept as made
+        bar.update(len(images))
+    bar.close()
     ms = 1000 * elapsed / len(expanded)
     write_text_atomic(manifest, json.dumps({**key_data, "ms_per_image": ms, "label": spec.label}, indent=2))
+    _save_eval_grid(torch.stack([picked[i] for i in grid_index]), expanded, grid_index, grid_columns, grid, spec.label)  # after: a failed grid costs no regeneration
     return paths, ms, key
+
+
+GRID_TILES = 16  # at most, per generator: a 4 x 4 grid of 1024 px images is already 4096 px square
+
+
+def _grid_layout(n_prompts: int, n: int) -> tuple[list[int], int | None]:
+    """Which images (indices into the prompt-major list, n per prompt) a generator's grid shows, and its columns:
+    with one image per prompt, the first 16 prompts in a square-ish grid, each tile captioned with its prompt;
+    with several, one row per prompt (its first samples side by side, up to 4, under one caption)."""
+    if n == 1:
+        return list(range(min(n_prompts, GRID_TILES))), None
+    cols = min(n, 4)
+    return [p * n + k for p in range(min(n_prompts, GRID_TILES // cols)) for k in range(cols)], cols
+
+
+def _save_eval_grid(images: torch.Tensor, prompts: Sequence[str], index: list[int], cols: int | None, path: Path, label: str) -> None:
+    """OUT/grids/<key>.png, apart from OUT/images/<key>/, which holds the generated images and nothing else
+    (a folder one may glob, score or give as an FID --reference)."""
+    from rewardkit.images import save_grid
+
+    save_grid(images, path, nrow=cols, prompts=[prompts[i] for i in index])
+    log.info("%s: grid of its first images in %s", label, path)
 
 
 def load_images(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -207,18 +237,26 @@ def score_rewards(rewards: dict, images: torch.Tensor, prompts: Sequence[str], b
     return scores
 
 
-def score_files(rewards: dict, fid: "FID | None", paths: Sequence[Path], prompts: Sequence[str], batch_size: int) -> tuple[dict[str, torch.Tensor], float | None]:
+def score_files(rewards: dict, fid: "FID | None", paths: Sequence[Path], prompts: Sequence[str], batch_size: int,
+                what: str = "") -> tuple[dict[str, torch.Tensor], float | None]:
     """Every metric on saved images, streamed: one batch of images in memory at a time, whatever their number
     (COCO-5k at 1024 px would be 63 GB of float32)."""
+    from tqdm.auto import tqdm
+
+    from rewardkit.images import progress_disable
+
     parts: dict[str, list] = {label: [] for label in rewards}
     if fid is not None:
         fid.metric.reset()  # fake features only: the reference is kept (reset_real_features=False)
+    bar = tqdm(total=len(paths), desc=f"scoring {what}".rstrip(), unit="image", leave=False, disable=progress_disable(), dynamic_ncols=True)
     for i in range(0, len(paths), batch_size):
         images = load_images(paths[i : i + batch_size])
         for label, s in score_rewards(rewards, images, prompts[i : i + batch_size], batch_size).items():
             parts[label].append(s)
         if fid is not None:
             fid.metric.update(_inception_input(images), real=False)
+        bar.update(len(images))
+    bar.close()
     scores = {label: torch.cat(chunks) for label, chunks in parts.items()}
     return scores, (float(fid.metric.compute()) if fid is not None else None)
 
@@ -261,8 +299,15 @@ class FID:
         files = sorted(p for p in reference.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if len(files) < 2:
             raise UserError(f"--reference {reference}: needs at least 2 images (.png/.jpg/...), found {len(files)}")
+        from tqdm.auto import tqdm
+
+        from rewardkit.images import progress_disable
+
+        bar = tqdm(total=len(files), desc="FID reference statistics", unit="image", leave=False, disable=progress_disable(), dynamic_ncols=True)
         for i in range(0, len(files), batch_size):
             self.metric.update(_inception_input(load_images(files[i : i + batch_size], size=INCEPTION_SIZE)), real=True)
+            bar.update(min(batch_size, len(files) - i))
+        bar.close()
 
     def save_reference(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -341,7 +386,7 @@ def evaluate(
         paths, ms, key = generate_or_reuse(spec, registry, prompts, n, steps, seed, out, batch_size)
         expanded_prompts = [p for p in prompts for _ in range(n)]
         expanded_styles = [s for s in styles for _ in range(n)]
-        scores, fid_value = score_files(rewards, fid, paths, expanded_prompts, batch_size)
+        scores, fid_value = score_files(rewards, fid, paths, expanded_prompts, batch_size, spec.label)
         row = Row(spec.label, steps if steps is not None else _default_steps(spec, registry), ms_per_image=ms, images=str(paths[0].parent))
         row.metrics = {label: float(s.mean()) for label, s in scores.items()}
         if fid_value is not None:

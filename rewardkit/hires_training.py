@@ -142,7 +142,7 @@ def train(
     """Train and save the classifier; returns what was stored in its metadata."""
     from tqdm.auto import tqdm
 
-    from rewardkit.images import default_device
+    from rewardkit.images import default_device, progress_disable
 
     if not 1 < min_factor <= max_factor:
         raise UserError(f"train-hires: need 1 < --min-factor <= --max-factor; got {min_factor} and {max_factor}")
@@ -172,7 +172,7 @@ def train(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=steps)
     g = torch.Generator().manual_seed(seed)
     stream = _batches(train_set, batch_size, steps, workers, seed)
-    bar = tqdm(range(steps), desc="train-hires", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="train-hires", unit="step", disable=progress_disable(progress), dynamic_ncols=True)
     t0, ema = time.perf_counter(), math.nan
     for _ in bar:
         real = next(stream).to(device)

@@ -41,7 +41,7 @@ from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, s
 from rewardkit.durable import write_text_atomic
 from rewardkit.ema import EMA
 from rewardkit.errors import RecipeError, TrainingDiverged, UserError, WriteFailed
-from rewardkit.images import fixed_noise, generate, optimized_batches, save_grid, save_pngs
+from rewardkit.images import fixed_noise, generate, optimized_batches, progress_disable, save_grid, save_pngs
 from rewardkit.metrics import MetricsLog, read_metrics
 from rewardkit.options import describe_errors, validate_strict
 from rewardkit.generators.base import Rollout
@@ -522,7 +522,9 @@ class Optimizer:
                 evaluated = self._evaluate()
                 if self.main:
                     self.metrics.write({"step": 0, **evaluated})
-        self.progress = tqdm(total=run.steps, initial=start_step, disable=not (run.progress and self.main), desc="rewardkit", dynamic_ncols=True)
+        # tqdm's default bar shows steps done / run.steps, elapsed < remaining (the ETA) and the rate; rank 0 alone
+        self.progress = tqdm(total=run.steps, initial=start_step, disable=progress_disable(run.progress and self.main), desc="rewardkit",
+                             unit="step", dynamic_ncols=True)
         return start_step
 
     def _main_decides(self, decide):
@@ -645,7 +647,7 @@ class Optimizer:
         if self.draws:
             images = self._draw(self.sample_prompts, self.sample_noise)
             if self.main:
-                save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+                save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png", prompts=self.sample_prompts)  # one prompt per tile
 
     def _evaluate(self) -> dict:
         """Held-out rewards of the current generator, on fixed prompts and noise ({} on processes that do not draw)."""

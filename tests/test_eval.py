@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,6 +69,43 @@ def test_cached_images_are_reused_not_regenerated(trained_run, tmp_path, monkeyp
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]["metrics"]["color"] == first_color
 
 
+def test_eval_writes_a_captioned_grid_per_generator_and_shows_progress(trained_run, tmp_path, monkeypatch, capsys):
+    """One row per prompt, its samples side by side (16 px pixels enlarged to 128 px tiles, each the saved PNG), its
+    caption under the row; apart from the images folder, which keeps only the images; rewritten from the cache."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("REWARDKIT_PROGRESS", "1")
+    args = ["eval", str(trained_run / "run"), "--prompts", str(trained_run / "prompts.txt"), "-n", "2", "--metrics", "color",
+            "--out", str(tmp_path / "ev")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"generating run: .*/6 \[.*image/s", err) and re.search(r"scoring run: .*/6 \[", err), err  # (not left when done)
+    (folder,) = (tmp_path / "ev" / "images").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(6)] + ["manifest.json"]
+    grid_path = tmp_path / "ev" / "grids" / f"{folder.name}.png"
+    grid = np.asarray(Image.open(grid_path).convert("RGB"))
+    pad, tile = 2, 128
+    band = (grid.shape[0] - pad) // 3 - tile - pad
+    assert grid.shape == (pad + 3 * (tile + band + pad), pad + 2 * (tile + pad), 3) and band > 0
+    for row in range(3):
+        y = pad + row * (tile + band + pad)
+        for col in range(2):
+            x = pad + col * (tile + pad)
+            saved = np.asarray(Image.open(folder / f"{2 * row + col:05d}.png").convert("RGB"))
+            assert (grid[y : y + tile, x : x + tile] == saved.repeat(8, 0).repeat(8, 1)).all(), (row, col)
+        assert (grid[y + tile : y + tile + band].max(axis=-1) < 100).any(), f"row {row}'s prompt under it"
+
+    grid_path.unlink()
+    monkeypatch.setattr(GeneratorSpec, "build", lambda *a, **k: pytest.fail("cached: the generator is not built again"))
+    assert main(args) == 0
+    assert (np.asarray(Image.open(grid_path).convert("RGB")) == grid).all(), "the same grid, from the cached images"
+    monkeypatch.setenv("REWARDKIT_PROGRESS", "")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "scoring run" not in capsys.readouterr().err, "stderr is not a terminal: no bar"
+
+
 def test_fid_of_a_set_against_itself_is_near_zero_and_grows_with_a_shift(inception_weights, tmp_path):
     from torchvision.utils import save_image
 
@@ -93,12 +131,15 @@ def test_fid_of_a_set_against_itself_is_near_zero_and_grows_with_a_shift(incepti
     assert again.score((reloaded + 0.2).clamp(0, 1)) == pytest.approx(shifted, rel=1e-6)
 
 
-def test_save_reference_stats_command(inception_weights, trained_run, tmp_path, capsys):
+def test_save_reference_stats_command(inception_weights, trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REWARDKIT_PROGRESS", "1")  # bars shown although stderr is captured
     stats = tmp_path / "stats" / "ref.safetensors"
     assert main(["eval", "--reference", str(trained_run / "run" / "samples"), "--save-reference-stats", str(stats), "--fid-weights", str(inception_weights), "--fid-dims", "64"]) == 0
     from safetensors.torch import load_file
 
-    assert int(load_file(stats)["real_features_num_samples"]) == len(list((trained_run / "run" / "samples").glob("*.png")))
+    n = len(list((trained_run / "run" / "samples").glob("*.png")))
+    assert int(load_file(stats)["real_features_num_samples"]) == n
+    assert re.search(rf"FID reference statistics: .*/{n} \[", capsys.readouterr().err), "the reference images' bar"
 
 
 @pytest.mark.parametrize(

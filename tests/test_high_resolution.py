@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -98,3 +99,17 @@ def test_train_hires_bad_folders_exit_2(tmp_path, capsys):
         assert code == 2, extra
         assert message in capsys.readouterr().err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_train_hires_shows_its_progress_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    from rewardkit import hires_training
+    from rewardkit.hires_training import train
+
+    monkeypatch.setenv("REWARDKIT_PROGRESS", "1")  # bars shown although stderr is captured
+    monkeypatch.setattr(hires_training, "heldout_accuracy", lambda *a, **k: 1.0)  # the bar is under test, not the classifier
+    tiles = photo_tiles(tmp_path / "tiles")
+    kwargs = dict(resolution=64, crop=32, steps=3, batch_size=2, width=8, device="cpu")
+    train(tiles, tmp_path / "a.safetensors", **kwargs)
+    assert re.search(r"train-hires: 100%.* 3/3 \[\d\d:\d\d<\d\d:\d\d", capsys.readouterr().err), "steps, elapsed < remaining"
+    train(tiles, tmp_path / "b.safetensors", **kwargs, progress=False)
+    assert "train-hires" not in capsys.readouterr().err
