@@ -175,6 +175,16 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max-batch", type=at_least(1), default=256, help="most images one request may hold (default 256)")
 
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page of runs: curves, sample grids, tables, hacking warnings",
+        description="Write one HTML file that opens offline: the curves of every reward, held-out metric (eval/*), penalty "
+        "and gradient norm over steps (several runs overlaid, named by the recipe keys they differ in), the sample grids "
+        "over training, the end-of-run tables, and a warning where a held-out metric falls while the trained reward rises. "
+        "PNG copies of the curves go to FILE_files/ beside it.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE.html", help="the page to write (default RUN_DIR/report.html for one run; needed for several)")
+
     for name, command in sorted((commands or {}).items()):
         p = sub.add_parser(name, parents=[common], help=f"{command.help} [{command.package}]", description=command.help)
         if command.arguments is not None:
@@ -443,7 +453,15 @@ def cmd_serve_reward(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval, "train-hires": cmd_train_hires, "serve-reward": cmd_serve_reward}
+def cmd_report(args) -> int:
+    from rewardkit.report import build_report
+
+    out = build_report(args.run_dirs, args.out)
+    print(f"wrote {out} (PNG curves in {out.with_name(out.stem + '_files')})")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval, "train-hires": cmd_train_hires, "serve-reward": cmd_serve_reward, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,7 +35,7 @@ LOAD_ENV = "REWARDKIT_LOAD_PLUGINS"
 KINDS = {"generator": "register_generators", "reward": "register_rewards", "regularizer": "register_regularizers"}
 HOOKS = {**KINDS, "command": "register_commands"}
 """The registering hook of each kind of thing a plugin provides."""
-CORE_COMMANDS = ("run", "validate", "plugins", "sample", "export", "eval", "train-hires", "serve-reward")
+CORE_COMMANDS = ("run", "validate", "plugins", "sample", "export", "eval", "train-hires", "serve-reward", "report")
 """The commands of rewardkit/cli.py, which a plugin cannot replace."""
 DEFAULT_PLUGINS = ("rewardkit.generators", "rewardkit.rewards", "rewardkit.regularizers", "rewardkit.testbed")
 """The built-ins: modules registered through the same hooks as third-party plugins, before them."""
