@@ -114,10 +114,16 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", parents=[common], help="export a trained generator to diffusers formats",
         description="Write the trained generator of a run as a diffusers pipeline folder (full weights, LoRA merged) "
-        "or as LoRA weights that diffusers' load_lora_weights reads.",
+        "or as LoRA weights that diffusers' load_lora_weights reads (or, in kohya's layout, ComfyUI and A1111), with a "
+        "model card (README.md: licence inherited from the base, recipe, sampling settings, sample grid).",
     )
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", required=True, choices=["diffusers", "lora"])
+    p.add_argument(
+        "--lora-layout", choices=["diffusers", "kohya"], default=None,
+        help="with --format lora: 'diffusers' (default; pytorch_lora_weights.safetensors) or 'kohya' (OUT_NAME.safetensors "
+        "with lora_unet_... keys, for ComfyUI / A1111 / kohya-ss; sd and sdxl generators)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
     p.add_argument("--ema", action="store_true", help="use the moving average of the weights (runs with optimizer.ema_decay)")
 
@@ -386,8 +392,9 @@ def cmd_export(args) -> int:
     from rewardkit.export import export
     from rewardkit.plugins import load_registry
 
-    out = export(args.path, args.format, args.out, registry=load_registry(args.plugin), ema=args.ema)
-    print(f"exported {args.format} to {out}")
+    out = export(args.path, args.format, args.out, registry=load_registry(args.plugin), ema=args.ema, lora_layout=args.lora_layout)
+    what = f"lora ({args.lora_layout} layout)" if args.lora_layout else args.format
+    print(f"exported {what} to {out}, with a model card: {out / 'README.md'}")
     return EXIT_OK
 
 
