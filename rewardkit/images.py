@@ -109,8 +109,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, prompts
         raise ValueError(f"save_grid takes (N, C, H, W) images, got shape {tuple(images.shape)}")
     if prompts is not None and len(prompts) != len(images):
         raise ValueError(f"save_grid: {len(prompts)} prompts for {len(images)} images")
-    # 8 bits exactly as torchvision's save_image writes each PNG (so a grid tile and the image's own file agree)
-    pixels = images.float().mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8)
+    pixels = to_uint8(images).cpu()  # as each image's own PNG holds it
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
     n, _, h, w = pixels.shape
@@ -209,6 +208,12 @@ def save_pngs(images: torch.Tensor, out_dir: Path, prefix: str = "", start: int 
     return paths
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (any shape, any float dtype) as 8-bit values, rounded as torchvision's save_image rounds
+    (x * 255 + 0.5, clamped, truncated): what a saved PNG holds, and what a reward on 8-bit images sees."""
+    return images.detach().float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
 def save_image(image: torch.Tensor, path: Path) -> None:
     """One (C, H, W) image in [0, 1] as an 8-bit file (the format from the suffix), byte for byte what
     torchvision.utils.save_image writes; here because importing torchvision pulls in torch._dynamo (seconds in every
@@ -219,7 +224,7 @@ def save_image(image: torch.Tensor, path: Path) -> None:
         image = image[None]
     if image.size(0) == 1:
         image = image.expand(3, -1, -1)
-    array = image.detach().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array).save(path)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from rewardkit.images import to_uint8
 from rewardkit.rewards.base import Reward, RewardOptions
 
 
@@ -34,7 +35,7 @@ class JpegCompressibility(Reward):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from PIL import Image
 
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         sizes = []
         for array in pixels:
             buffer = io.BytesIO()

@@ -24,6 +24,7 @@ from pydantic import Field
 
 import rewardkit
 from rewardkit.errors import UserError
+from rewardkit.images import to_uint8
 from rewardkit.rewards import Reward, RewardOptions
 
 __version__ = "0.1.0"
@@ -96,7 +97,7 @@ class OCR(Reward):
 
         o = self.options
         # 8-bit RGB as jpeg_compressibility quantizes it, then BGR: RapidOCR takes numpy images in OpenCV's channel order
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         texts = []
         for array in pixels:
             lines, _ = self.engine(np.ascontiguousarray(array[:, :, ::-1]), use_cls=o.angle_classifier)  # no kwargs: they reset thresholds
