@@ -172,7 +172,8 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
         "serve-reward", parents=[common], help="serve a reward over HTTP for the `remote` reward",
         description="Serve the registered reward NAME over HTTP (FastAPI + uvicorn) for `type = \"remote\"` rewards to call: "
         "GET /info, POST /score (images and scores as safetensors; image gradients of differentiable rewards). Needs the "
-        "`serve` extra: pip install 'rewardkit[serve]'.",
+        "`serve` extra: pip install 'rewardkit[serve]'. There is no authentication: listen on 127.0.0.1 or a private "
+        "network, or put an authenticating proxy in front.",
     )
     p.add_argument("name", help="a reward plugin, e.g. hps (see `rewardkit plugins`)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the reward (repeatable; values read as TOML)")
@@ -180,6 +181,9 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=at_least(1, 65536), default=8100, help="default 8100")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max-batch", type=at_least(1), default=256, help="most images one request may hold (default 256)")
+    p.add_argument("--max-queue", type=at_least(1), default=32, help="requests waiting to be scored before more are told "
+                   "503 (retry later / elsewhere) (default 32)")
+    p.add_argument("--max-request-mb", type=at_least(1), default=1024, help="largest request body in MB (default 1024)")
 
     p = sub.add_parser(
         "report", help="one self-contained HTML page of runs: curves, sample grids, tables, hacking warnings",
@@ -456,7 +460,7 @@ def cmd_serve_reward(args) -> int:
 
     require_server_packages()
     reward = build_reward(args.name, args.option, load_registry(args.plugin), args.device)
-    serve(reward, args.host, args.port, args.max_batch)
+    serve(reward, args.host, args.port, args.max_batch, args.max_queue, args.max_request_mb)
     return EXIT_OK
 
 

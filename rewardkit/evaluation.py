@@ -401,22 +401,28 @@ def evaluate(
 
 def build_rewards(names: dict[str, str], registry, metric_options: Sequence[str]) -> dict:
     """{label: the built reward} for {label: reward plugin}, with --metric-option LABEL.KEY=VALUE applied."""
-    from rewardkit.options import validate_plugin_options
-    from rewardkit.images import default_device
-
     options: dict[str, dict] = {label: {} for label in names}
     for text in metric_options:
         keys, value = parse_override(text)
-        label = ALIASES.get(keys[0], keys[0])
+        label = keys[0] if keys[0] in options else ALIASES.get(keys[0], keys[0])  # a label as given, before an alias
         if label not in options or len(keys) != 2:
             raise UserError(f"--metric-option {text!r}: expected METRIC.KEY=VALUE for one of the chosen metrics ({', '.join(names)})")
         options[label][keys[1]] = value
-    rewards = {}
-    for label, name in names.items():
-        cls = registry.get("reward", name)
-        validate_plugin_options(cls, options[label], label, source="--metric-option")
-        rewards[label] = cls(**options[label]).requires_grad_(False).eval().to(default_device())
-    return rewards
+    return {label: standalone_reward(registry.get("reward", name), options[label], label, source="--metric-option")
+            for label, name in names.items()}
+
+
+def standalone_reward(cls, values: dict, label: str, source: str, device: str | None = None):
+    """A reward plugin built outside a run (evaluation, `serve-reward`): its options validated as a recipe's are,
+    frozen, in eval mode, on `device` (default: the GPU when there is one)."""
+    from rewardkit.images import default_device
+    from rewardkit.options import validate_plugin_options
+    from rewardkit.rewards.base import Reward
+
+    validate_plugin_options(cls, values, label, source=source)
+    if cls.setup is not Reward.setup:
+        raise UserError(f"reward '{label}' needs the run's generator (it implements setup), so it cannot be built apart from a run")
+    return cls(**values).requires_grad_(False).eval().to(torch.device(device) if device else default_device())
 
 
 def _default_steps(spec: GeneratorSpec, registry) -> int | None:

@@ -691,10 +691,14 @@ class Optimizer:
     def _stop_if_diverged(self, step: int) -> None:
         if self.consecutive_bad >= self.run.max_nonfinite_steps:
             self.metrics.close()
+            # rewards served elsewhere (remote, vlm_judge) score NaN for a batch no server answered: name them first
+            lost = [f"{label} ({r.endpoints.failed_batches} batch(es) no server answered; see the warnings above)"
+                    for label, r in self.rewards.items() if getattr(getattr(r, "endpoints", None), "failed_batches", 0)]
+            cause = (f"Rewards computed elsewhere failed: {', '.join(lost)}; check their servers. " if lost else
+                     "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN.")
             raise TrainingDiverged(
                 f"{self.consecutive_bad} consecutive steps produced NaN or Inf (last at step {step}); stopped. "
-                f"Each was skipped; the last good checkpoint is {latest_checkpoint(self.run_dir / 'checkpoints')}. "
-                "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN."
+                f"Each was skipped; the last good checkpoint is {latest_checkpoint(self.run_dir / 'checkpoints')}. " + cause
             )
 
     def _draw_batch(self, batch_size: int, group: int = 1):

@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from rewardkit.errors import UserError  # noqa: E402
+from rewardkit.rewards.base import Reward  # noqa: E402
 from rewardkit.rewards.remote import Remote, decode_request, decode_response, encode_request, encode_response  # noqa: E402
 
 PROMPTS = ["a handwritten digit 3", "the number five", "a handwritten seven", "digit 1", "the number zero", "a handwritten digit 8"]
@@ -31,14 +32,18 @@ def free_port() -> int:
 
 
 class Server:
-    """`rewardkit serve-reward digit_classifier` in its own process, as a user starts one."""
+    """`rewardkit serve-reward digit_classifier` in its own process (and session: a signal to it reaches no test), as a
+    user starts one; its output goes to a file, which no full pipe can block."""
 
-    def __init__(self, *options: str):
+    def __init__(self, log_dir, *options: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"server_{self.port}.log"
         env = {**os.environ, "REWARDKIT_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "rewardkit", "serve-reward", "digit_classifier", "--port", str(self.port), *options],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rewardkit", "serve-reward", "digit_classifier", "--port", str(self.port), *options],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout: float = 120) -> "Server":
         import requests
@@ -46,7 +51,7 @@ class Server:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise AssertionError(f"the server exited {self.proc.returncode}: {self.log.read_text()}")
             try:
                 requests.get(self.url + "/info", timeout=1)
                 return self
@@ -66,13 +71,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers():
-    pair = [Server(), Server()]  # started together: their imports overlap
+def servers(tmp_path_factory):
+    """Two servers the tests share, and a third with small limits that the outage test stops and kills."""
+    logs = tmp_path_factory.mktemp("servers")
+    started = [Server(logs), Server(logs), Server(logs, "--max-batch", "4", "--max-request-mb", "1")]  # together: imports overlap
     try:
-        yield [s.wait() for s in pair]
+        yield [s.wait() for s in started]
     finally:
-        for s in pair:
-            s.proc.send_signal(signal.SIGCONT)
+        for s in started:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGCONT)
             s.kill()
 
 
@@ -100,7 +108,7 @@ def test_the_wire_format_round_trips_and_refuses_malformed_requests():
 
 
 def test_remote_scores_and_gradients_equal_the_local_rewards_spread_over_the_servers(servers, local):
-    remote = Remote(url=[s.url for s in servers])
+    remote = Remote(url=[s.url for s in servers[:2]])
     assert remote.differentiable and remote.input_size == local.input_size
     x = torch.rand(len(PROMPTS), 3, 16, 16, generator=torch.Generator().manual_seed(1))
     before = [s.served() for s in servers]
@@ -109,13 +117,50 @@ def test_remote_scores_and_gradients_equal_the_local_rewards_spread_over_the_ser
     # the same float32 network on the same CPU and inputs: equal up to the reduction order of a different thread count
     assert torch.allclose(scores, want_scores, rtol=1e-5, atol=1e-5 * want_scores.abs().max())
     assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-5 * want_grad.abs().max()) and want_grad.abs().sum() > 0
-    assert [s.served() - b for s, b in zip(servers, before)] == [3, 3]  # half the batch each
+    assert [s.served() - b for s, b in zip(servers, before)] == [3, 3, 0]  # half the batch each
     with torch.no_grad():  # plain scoring (evaluation) asks for no gradient and gives the same scores
         assert torch.allclose(remote(x, PROMPTS), want_scores, rtol=1e-5, atol=1e-5 * want_scores.abs().max())
     # a bad prompt is the request's fault: the served reward's own message, exit 2, not retried as an outage
     with pytest.raises(UserError, match="HTTP 422") as err:
         remote(x[:1], ["a photo of a cat"])
     assert "digit" in str(err.value)
+
+
+def test_requests_respect_the_servers_limits_and_malformed_ones_are_refused(servers, local):
+    import requests
+
+    small = servers[2]  # --max-batch 4 --max-request-mb 1
+    remote = Remote(url=small.url)
+    assert remote.max_batch == 4 and remote.max_request_bytes == 2**20
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    before = requests.get(small.url + "/info", timeout=5).json()
+    with torch.no_grad():
+        assert torch.allclose(remote(x, PROMPTS), local(x, PROMPTS), rtol=1e-5, atol=1e-5)
+    after = requests.get(small.url + "/info", timeout=5).json()
+    assert (after["requests"] - before["requests"], after["images"] - before["images"]) == (2, 6)  # 4 + 2
+    big = torch.rand(3, 3, 256, 256)  # 786 KB each as float32: one per request under 1 MB
+    with torch.no_grad():
+        assert remote(big, PROMPTS[:3]).shape == (3,)
+    assert requests.get(small.url + "/info", timeout=5).json()["requests"] - after["requests"] == 3
+    headers = {"Content-Type": "application/vnd.rewardkit.safetensors"}
+    too_large = requests.post(small.url + "/score", data=encode_request(torch.zeros(2, 3, 256, 256), ["a", "b"], False),
+                              headers=headers, timeout=10)
+    assert too_large.status_code == 413 and "--max-request-mb" in too_large.json()["detail"]
+    empty = requests.post(small.url + "/score", data=encode_request(torch.zeros(1, 3, 0, 8), ["a"], False), headers=headers, timeout=10)
+    assert empty.status_code == 400 and "each at least 1" in empty.json()["detail"]
+    garbage = requests.post(small.url + "/score", data=b"not safetensors", headers=headers, timeout=10)
+    assert garbage.status_code == 400
+
+
+def test_a_reward_served_without_gradients_says_so_in_backward(servers):
+    remote = Remote(url=servers[0].url)
+    remote.differentiable = False  # as /info says of a non-differentiable served reward (OCR, a VLM judge)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    scores = remote(x, PROMPTS[:2])
+    with pytest.raises(UserError, match='estimator = "score_function"'):
+        scores.sum().backward()
+    empty = remote(x[:0], [])
+    assert empty.shape == (0,)
 
 
 def test_a_remote_reward_trains_as_the_local_one_does(servers, tmp_path):
@@ -133,7 +178,7 @@ def test_a_remote_reward_trains_as_the_local_one_does(servers, tmp_path):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     here = run({"type": "digit_classifier"}, "local")
-    there = run({"type": "remote", "url": [s.url for s in servers]}, "remote")
+    there = run({"type": "remote", "url": [s.url for s in servers[:2]]}, "remote")
     for a, b in zip(here, there):  # the second step's reward depends on the first step's gradient, from the server
         assert b["reward/digits"] == pytest.approx(a["reward/digits"], rel=1e-4)
         assert b["grad_norm/digits"] == pytest.approx(a["grad_norm/digits"], rel=1e-4)
@@ -155,7 +200,7 @@ def test_outages_a_killed_server_is_survived_a_hung_one_times_out_a_lost_batch_s
     from rewardkit.errors import TrainingDiverged
     from rewardkit.optimizer import Optimizer
 
-    first, second = servers
+    first, _, second = servers  # the third server is this test's to stop and kill
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     remote = Remote(url=[first.url, second.url], timeout=2.0, retries=1)
     strict = Remote(url=second.url, timeout=1.0, retries=0)
@@ -189,11 +234,77 @@ def test_outages_a_killed_server_is_survived_a_hung_one_times_out_a_lost_batch_s
     with pytest.raises(UserError, match="no server answered /info") as err:
         Remote(url=second.url, timeout=1.0)
     assert "rewardkit serve-reward" in str(err.value)
+    # a dead server among live ones: /info is asked of each alone, the live one's answer is the one kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rewardkit"):
+        partly = Remote(url=[second.url, first.url], timeout=2.0, retries=0)
+    assert partly.differentiable and f"{second.url} did not answer" in caplog.text
     # a run with no server left skips each step like a NaN one and stops at run.max_nonfinite_steps, with a message
-    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps") as diverged:
         alone.fit()
+    assert "Rewards computed elsewhere failed: digits (3 batch(es) no server answered" in str(diverged.value)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [True] * 3 and rows[-1]["nonfinite_total"] == 3
+
+
+class Slow(Reward):
+    """A throwaway reward that takes its time: the server's queue under test, not a model."""
+
+    name = "slow"
+    differentiable = False
+    calls = 0
+
+    def forward(self, images, prompts):
+        type(self).calls += 1
+        time.sleep(0.8)
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_a_busy_server_sheds_load_and_skips_requests_nobody_waits_for():
+    import threading
+
+    import requests
+    import uvicorn
+
+    from rewardkit.reward_server import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Slow(), max_queue=2), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    end = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < end and thread.is_alive(), "the server did not start in 30 s"
+        time.sleep(0.02)
+    url, body = f"http://127.0.0.1:{port}/score", encode_request(torch.rand(1, 3, 4, 4), ["a"], False)
+    results = {}
+
+    def post(name: str, timeout: float) -> None:
+        try:
+            results[name] = requests.post(url, data=body, timeout=timeout).status_code
+        except requests.Timeout:
+            results[name] = "timeout"
+
+    try:
+        first = threading.Thread(target=post, args=("scored", 30))
+        first.start()
+        time.sleep(0.3)  # being scored (0.8 s)
+        quitter = threading.Thread(target=post, args=("gave up", 0.3))  # waits its turn behind the first, gives up
+        quitter.start()
+        time.sleep(0.1)
+        shed = requests.post(url, data=body, timeout=30)  # the queue holds 2: the next one is told to come back
+        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "--max-queue 2" in shed.json()["detail"]
+        first.join()
+        quitter.join()
+        assert results == {"scored": 200, "gave up": "timeout"}
+        end = time.monotonic() + 10
+        while requests.get(f"http://127.0.0.1:{port}/info", timeout=5).json()["waiting"] and time.monotonic() < end:
+            time.sleep(0.05)  # the quitter's turn, after the first
+        info = requests.get(f"http://127.0.0.1:{port}/info", timeout=5).json()
+        assert info["waiting"] == 0 and info["requests"] == Slow.calls == 1, "the request whose client went away was not scored"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_serve_reward_refuses_bad_input_with_exit_2(monkeypatch, capsys):

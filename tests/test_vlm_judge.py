@@ -26,8 +26,10 @@ KEY = "sk-local-test"
 
 
 class Judge:
-    """An OpenAI-compatible server: /v1/chat/completions answers "Score: 1 + 9 * (mean brightness)", or, for prompts
-    with 'ramble' in them, no number at all; it records the requests and how many were in flight at once."""
+    """An OpenAI-compatible server: /v1/models lists MODEL; /v1/chat/completions answers "Score: 1 + 9 * (mean
+    brightness)" (as a list of text parts for prompts with 'parts' in them), or, for prompts with 'ramble' in them,
+    no number at all, or for 'garble' a 200 that is no chat completion; it records the requests and how many were in
+    flight at once."""
 
     def __init__(self, delay: float = 0.0):
         from fastapi import FastAPI, Request
@@ -35,6 +37,10 @@ class Judge:
 
         self.requests, self.in_flight, self.most_in_flight, self.delay = [], 0, 0, delay
         app = FastAPI()
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "test"}]}
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
@@ -52,7 +58,11 @@ class Judge:
             from PIL import Image
 
             pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), dtype=np.float64)
+            if "garble" in text:
+                return {"status": "ok"}
             answer = "I would rather describe the scene." if "ramble" in text else f"Score: {1 + 9 * pixels.mean() / 255:.4f}"
+            if "parts" in text:
+                answer = [{"type": "text", "text": answer[:7]}, {"type": "text", "text": answer[7:]}]
             return {"id": "x", "object": "chat.completion", "model": MODEL,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]}
 
@@ -63,7 +73,9 @@ class Judge:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+        end = time.monotonic() + 30
         while not self.server.started:
+            assert time.monotonic() < end and self.thread.is_alive(), "the judge server did not start in 30 s"
             time.sleep(0.02)
 
     def stop(self):
@@ -73,7 +85,7 @@ class Judge:
 
 @pytest.fixture(scope="module")
 def judge():
-    server = Judge(delay=0.1)
+    server = Judge(delay=0.3)  # long enough that 3 requests are surely in flight together
     yield server
     server.stop()
 
@@ -100,8 +112,19 @@ def test_scores_are_the_judges_numbers_mapped_to_0_1_and_requests_look_like_open
     user = body["messages"][1]["content"]
     assert user[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert sorted(b["messages"][1]["content"][1]["text"] for b, _ in judge.requests) == sorted(f"Prompt: {p}. Rate 1-10." for p in prompts)
-    # batch invariance: one image alone scores as in the batch
+    # batch invariance: one image alone scores as in the batch; an answer in content parts reads the same
     assert reward(x[3:4], prompts[3:4]).item() == scores[3].item()
+    assert reward(x[3:4], ["in parts"]).item() == scores[3].item()
+
+
+def test_no_key_is_sent_unless_asked_for(judge, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-this-server")
+    judge.requests.clear()
+    VLMJudge(url=judge.url, model=MODEL)(images(1), ["a cat"])
+    assert [auth for _, auth in judge.requests] == [None]
+    monkeypatch.delenv("RK_MISSING_KEY", raising=False)
+    with pytest.raises(UserError, match="RK_MISSING_KEY"):
+        VLMJudge(url=judge.url, model=MODEL, api_key_env="RK_MISSING_KEY")
 
 
 def test_unparseable_or_out_of_range_answers_and_unknown_models_are_errors_that_say_what_to_change(judge):
@@ -116,8 +139,11 @@ def test_unparseable_or_out_of_range_answers_and_unknown_models_are_errors_that_
     assert raw.parse("Score: 7.25") == 7.25
     with pytest.raises(UserError, match="holds no score"):
         raw.parse("Score: high")
+    with pytest.raises(UserError, match=f"serves {MODEL}, not model = 'other'"):
+        VLMJudge(url=judge.url, model="other")  # at start, from GET /models
+    reward.options = reward.options.model_copy(update={"model": "other"})  # a server that drops the model later: its 404 is the request's fault
     with pytest.raises(UserError, match=r"HTTP 404\): The model `other` does not exist"):
-        VLMJudge(url=judge.url, model="other")(images(1), ["a cat"])
+        reward(images(1), ["a cat"])
 
 
 def test_options_are_checked_before_any_request():
@@ -131,12 +157,18 @@ def test_options_are_checked_before_any_request():
             VLMJudge(**options)
 
 
-def test_a_judge_that_is_down_costs_a_skipped_step_not_the_run(caplog):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
-    reward = VLMJudge(url=f"http://127.0.0.1:{port}/v1", model=MODEL, retries=1, timeout=2.0)
+def test_a_judge_that_goes_down_or_garbles_costs_a_skipped_step_not_the_run(judge, caplog):
+    with caplog.at_level(logging.WARNING, logger="rewardkit"):
+        garbled = VLMJudge(url=judge.url, model=MODEL, retries=1)(images(2), ["a cat", "garble"])
+    assert torch.isnan(garbled).all() and "not an OpenAI chat completion" in caplog.text
+
+    going = Judge()
+    reward = VLMJudge(url=going.url, model=MODEL, retries=1, timeout=2.0)
+    going.stop()
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rewardkit"):
         scores = reward(images(3), ["a", "b", "c"])
     assert torch.isnan(scores).all() and reward.failed_batches == 1
     assert "no server answered in 2 tries" in caplog.text and "its step is skipped" in caplog.text
+    with pytest.raises(UserError, match="no server answered GET /models"):
+        VLMJudge(url=going.url, model=MODEL, retries=0)

@@ -2,29 +2,44 @@
 
 Requests go to the servers in turn (load spread across them), each with a
 timeout; a request that fails for a reason that may pass (no connection, a
-timeout, a 5xx or 429 answer) is retried on the next server, a bounded number
-of times, and the server that failed is passed over for `COOLDOWN_S` seconds
-while another answers. When every try fails, `Unavailable` is raised: the
-rewards turn that into NaN scores, so the optimizer skips the step and counts
-it like any non-finite step - never a crash or a hang. A 4xx answer is the
-request's fault (a prompt the server's reward refuses, a wrong model name):
-it is a UserError, exit 2, with the server's message.
+timeout, a connection cut mid-answer, a 5xx, 408 or 429 answer, an answer
+that does not parse) is retried after a short jittered pause (the server's
+Retry-After when it gives one), on the next server, a bounded number of
+times; the server that failed is passed over for `COOLDOWN_S` seconds while
+another answers. When every try fails, `Unavailable` is raised: the rewards
+turn that into NaN scores (`lost_batch`), so the optimizer skips the step and
+counts it like any non-finite step. Every request has a timeout, so a server
+that hangs costs at most (retries + 1) x timeout seconds per batch. Any other
+4xx answer is the request's fault (a prompt the server's reward refuses, a
+wrong model name), as is a URL requests cannot use (a bad TLS certificate,
+an invalid URL): a UserError, exit 2, with the server's message.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from rewardkit.errors import UserError
 
 log = logging.getLogger("rewardkit")
 
+T = TypeVar("T")
+
 COOLDOWN_S = 30.0
 """How long a server that failed is passed over while another answers."""
-RETRIABLE_STATUS = {429, 500, 502, 503, 504}
+BACKOFF_S = 0.5
+"""The pause before a retry (with up to as much again at random, so clients that failed together do not return together)."""
+MAX_RETRY_AFTER_S = 30.0
+"""The longest pause a server's Retry-After header is honoured with."""
+
+
+def retriable_status(status: int) -> bool:
+    """An answer that says "not now" rather than "not this request": the server's errors, a timeout, too many requests."""
+    return status >= 500 or status in (408, 429)
 
 
 class Unavailable(Exception):
@@ -48,6 +63,8 @@ class Endpoints:
     def __init__(self, urls: Sequence[str], *, timeout: float, retries: int, what: str, headers: dict | None = None):
         self.urls, self.timeout, self.retries, self.what = tuple(urls), timeout, retries, what
         self.headers = dict(headers or {})
+        self.failed_batches = 0
+        """Batches no server could score (each scored NaN): the optimizer names them when training stops on NaN."""
         self._down_until = [0.0] * len(self.urls)
         self._next = 0
         self._lock = threading.Lock()
@@ -59,38 +76,64 @@ class Endpoints:
             start, self._next = self._next, (self._next + 1) % len(self.urls)
         return start
 
-    def request(self, method: str, path: str, *, start: int | None = None, headers: dict | None = None, **kwargs):
-        """The response of the first server (from `start`, in turn, healthy ones first) that answers 2xx.
+    def request(self, method: str, path: str, *, start: int | None = None, only: int | None = None, headers: dict | None = None,
+                parse: Callable[[object], T] = lambda response: response, **kwargs) -> T:
+        """`parse(response)` of the first server (from `start`, in turn, healthy ones first; or server `only`) that
+        answers 2xx with a body `parse` accepts (a ValueError from it counts as that server's failure).
 
-        Raises Unavailable when `retries + 1` tries all failed, UserError on a 4xx answer."""
+        Raises Unavailable when `retries + 1` tries all failed, UserError on a 4xx answer or an unusable URL."""
         import requests
 
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
-        order = self._order(self.start() if start is None else start)
+        order = [only] if only is not None else self._order(self.start() if start is None else start)
         headers = {**self.headers, **(headers or {})}
-        errors = []
+        errors, pause = [], 0.0
         for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(pause or BACKOFF_S * (1 + random.random()))
             i = order[attempt % len(order)]
             url = self.urls[i] + path
+            pause = 0.0
             try:
-                response = session.request(method, url, timeout=(min(10.0, self.timeout), self.timeout),
-                                           headers=headers, **kwargs)
-            except requests.RequestException as exc:
-                errors.append(f"{url}: {type(exc).__name__}")
+                response = session.request(method, url, timeout=(min(10.0, self.timeout), self.timeout), headers=headers, **kwargs)
+            except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                errors.append(f"{url}: {type(exc).__name__}: {_short(exc)}")
                 self._failed(i, errors[-1])
                 continue
-            if response.status_code in RETRIABLE_STATUS:
+            except requests.ConnectionError as exc:
+                if isinstance(exc, requests.exceptions.SSLError):  # a certificate does not heal by retrying
+                    raise UserError(f"{self.what}: {url}: TLS failed ({_short(exc)}); check the URL's scheme and the server's certificate") from None
+                errors.append(f"{url}: {type(exc).__name__}: {_short(exc)}")
+                self._failed(i, errors[-1])
+                continue
+            except requests.RequestException as exc:  # an invalid URL, too many redirects: no retry mends them
+                raise UserError(f"{self.what}: {url}: {type(exc).__name__}: {_short(exc)}") from None
+            if retriable_status(response.status_code):
                 errors.append(f"{url}: HTTP {response.status_code} {_detail(response)}")
                 self._failed(i, errors[-1])
+                pause = _retry_after(response)
                 continue
             if response.status_code >= 400:
                 raise UserError(f"{self.what}: {url} refused the request (HTTP {response.status_code}): {_detail(response)}")
+            try:
+                value = parse(response)
+            except ValueError as exc:  # a 200 with a body that is not the service's answer: a broken or wrong server
+                errors.append(f"{url}: an unreadable answer ({exc})")
+                self._failed(i, errors[-1])
+                continue
             with self._lock:
                 self._down_until[i] = 0.0
-            return response
+            return value
         raise Unavailable(f"{self.what}: no server answered in {self.retries + 1} tries ({'; '.join(errors)})")
+
+    def lost_batch(self, exc: Unavailable, n: int) -> None:
+        """Count and log a batch of `n` images that no server could score (the caller returns NaN scores for it)."""
+        with self._lock:
+            self.failed_batches += 1
+            failed = self.failed_batches
+        log.warning("%s; the batch of %d images scores NaN, so its step is skipped (%d batch(es) failed so far)", exc, n, failed)
 
     def _order(self, start: int) -> list[int]:
         """The servers from `start` in turn, those not cooling down after a failure first."""
@@ -103,7 +146,20 @@ class Endpoints:
         with self._lock:
             was_up, self._down_until[i] = self._down_until[i] == 0.0, time.monotonic() + COOLDOWN_S
         if was_up:  # once per outage: the log says when a server went away, not every request it missed
-            log.warning("%s: %s failed (%s); passed over while another server answers", self.what, self.urls[i], error)
+            then = "passed over while another server answers" if len(self.urls) > 1 else "tried again after a pause"
+            log.warning("%s: %s failed (%s); %s", self.what, self.urls[i], error, then)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc)[:300]
+
+
+def _retry_after(response) -> float:
+    """The server's Retry-After in seconds (capped), 0 when it gives none or an HTTP date."""
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(response.headers.get("Retry-After", ""))))
+    except ValueError:
+        return 0.0
 
 
 def _detail(response) -> str:

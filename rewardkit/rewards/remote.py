@@ -17,10 +17,11 @@ file with ``scores`` (B,) float32 and, when asked, ``gradient`` (B, 3, H, W)
 float32. A differentiable remote reward therefore still trains pathwise: its
 forward is an autograd function whose backward is the server's gradient.
 
-A batch is split across the servers (one request each, concurrently); a
-failed request is retried on another (rewardkit.rewards.endpoints). A batch
-no server could score gets NaN scores (logged): the optimizer skips that
-step and counts it like a non-finite step.
+A batch is split across the servers (one request each, concurrently, none
+larger than the ``max_batch`` a server's /info declares); a failed request
+is retried on another (rewardkit.rewards.endpoints). A batch no server could
+score gets NaN scores (logged): the optimizer skips that step and counts it
+like a non-finite step.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
+from torch.autograd.function import once_differentiable
 
 from rewardkit.errors import UserError
+from rewardkit.images import to_uint8
 from rewardkit.rewards.base import Reward, RewardOptions
 from rewardkit.rewards.endpoints import Endpoints, Unavailable, server_urls
 
@@ -49,7 +52,7 @@ def encode_request(images: torch.Tensor, prompts: Sequence[str], gradient: bool,
 
     x = images.detach().float().cpu()
     if transfer == "uint8":  # what a non-differentiable reward sees anyway (OCR, JPEG, a VLM): 4x fewer bytes
-        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        x = to_uint8(x)
     return save({"images": x.contiguous()}, metadata={"prompts": json.dumps(list(prompts)), "gradient": "1" if gradient else "0"})
 
 
@@ -57,8 +60,8 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str], bool]:
     """(images float32 in [0, 1], prompts, gradient asked); ValueError naming what is malformed."""
     tensors, metadata = _load(body)
     images = tensors.get("images")
-    if images is None or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
-        raise ValueError("the request needs a tensor 'images' of shape (B, 3, H, W), B >= 1")
+    if images is None or images.ndim != 4 or images.shape[1] != 3 or min(images.shape) < 1:
+        raise ValueError("the request needs a tensor 'images' of shape (B, 3, H, W), each at least 1")
     if images.dtype == torch.uint8:
         images = images.float() / 255
     elif images.dtype != torch.float32:
@@ -128,15 +131,21 @@ class Remote(Reward):
         if self.differentiable and o.transfer == "uint8":
             log.info("remote reward: transfer = 'uint8' quantizes the images the gradient is taken at")
         self.input_size = tuple(self.info["input_size"]) if self.info.get("input_size") else None
-        self.failed_batches = 0
+        self.max_batch = int(self.info.get("max_batch") or 256)
+        self.max_request_bytes = int(self.info.get("max_request_bytes") or 2**30)
         self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints.urls), thread_name_prefix="rewardkit-remote")
 
+    @property
+    def failed_batches(self) -> int:
+        return self.endpoints.failed_batches
+
     def _info(self) -> dict:
-        """Every server's /info (those that answer): they must serve one reward, in this protocol."""
+        """Every server's /info, each asked alone (so an answer is filed under the server that gave it): those that
+        answer must serve one reward, in this protocol."""
         answers, errors = {}, []
         for i, url in enumerate(self.endpoints.urls):
             try:
-                answers[url] = self.endpoints.request("GET", "/info", start=i).json()
+                answers[url] = self.endpoints.request("GET", "/info", only=i, parse=_info_json)
             except Unavailable as exc:
                 errors.append(str(exc))
         if not answers:
@@ -147,42 +156,57 @@ class Remote(Reward):
         served = {(a.get("protocol"), a.get("name"), a.get("differentiable")) for a in answers.values()}
         if len(served) > 1:
             raise UserError(f"remote reward: the servers serve different things: {sorted(map(str, served))}; give one reward's servers")
-        info = next(iter(answers.values()))
+        url, info = next(iter(answers.items()))
         if info.get("protocol") != PROTOCOL:
-            raise UserError(f"remote reward: {next(iter(answers))} speaks protocol {info.get('protocol')}, this rewardkit {PROTOCOL}: "
+            raise UserError(f"remote reward: {url} speaks protocol {info.get('protocol')}, this rewardkit {PROTOCOL}: "
                             "use the same rewardkit version on both sides")
         return info
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images and {len(prompts)} prompts")
+        if len(prompts) == 0:
+            return images.sum(dim=(1, 2, 3)) * 0  # (0,): no request, still in the graph
         return _RemoteScore.apply(images, list(prompts), self)
 
     def score_batch(self, images: torch.Tensor, prompts: list[str], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores (and gradients) of a batch, split across the servers; NaN (and a warning) when no server could score it."""
-        n = len(self.endpoints.urls)
-        chunks = [c for c in torch.arange(len(prompts)).tensor_split(min(n, len(prompts)))]
+        n, b = len(self.endpoints.urls), len(prompts)
+        image_bytes = images[0].numel() * (1 if self.options.transfer == "uint8" else 4)
+        per_request = max(1, min(self.max_batch, (self.max_request_bytes - 2**16) // image_bytes))  # the header's JSON: < 64 KB
+        pieces = max(min(n, b), -(-b // per_request))  # each server a share, none above what a server takes
+        chunks = torch.arange(len(prompts)).tensor_split(pieces)
         first = self.endpoints.start()
         futures = [self._pool.submit(self._score_chunk, images[c], [prompts[i] for i in c], gradient, (first + j) % n)
                    for j, c in enumerate(chunks)]
         try:
             parts = [f.result() for f in futures]
         except Unavailable as exc:
-            self.failed_batches += 1
-            log.warning("%s; the batch of %d images scores NaN, so its step is skipped (%d batch(es) failed so far)",
-                        exc, len(prompts), self.failed_batches)
+            self.endpoints.lost_batch(exc, len(prompts))
             nan = torch.full((len(prompts),), float("nan"))
             return nan, (torch.full(images.shape, float("nan")) if gradient else None)
+        finally:
+            for f in futures:  # after an error (an outage, a refusal, Ctrl-C) nothing queued is sent any more
+                f.cancel()
         scores = torch.cat([s for s, _ in parts])
         return scores, (torch.cat([g for _, g in parts]) if gradient else None)
 
     def _score_chunk(self, images: torch.Tensor, prompts: list[str], gradient: bool, start: int):
         body = encode_request(images, prompts, gradient, self.options.transfer)
-        response = self.endpoints.request("POST", "/score", start=start, data=body, headers={"Content-Type": MEDIA_TYPE})
-        try:
-            return decode_response(response.content, len(prompts), tuple(images.shape), gradient)
-        except ValueError as exc:
-            raise UserError(f"remote reward: {response.url} answered with something else than scores: {exc}") from None
+        return self.endpoints.request(
+            "POST", "/score", start=start, data=body, headers={"Content-Type": MEDIA_TYPE},
+            parse=lambda response: decode_response(response.content, len(prompts), tuple(images.shape), gradient))
+
+
+def _info_json(response) -> dict:
+    try:
+        info = response.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or "protocol" not in info or "differentiable" not in info:
+        raise ValueError(f"{response.url} answered {response.text[:200]!r}, not a reward server's /info; "
+                         "is it a `rewardkit serve-reward` server?")
+    return info
 
 
 class _RemoteScore(torch.autograd.Function):
@@ -192,12 +216,15 @@ class _RemoteScore(torch.autograd.Function):
     def forward(ctx, images, prompts, reward):
         wanted = ctx.needs_input_grad[0] and reward.differentiable
         scores, gradient = reward.score_batch(images, prompts, gradient=wanted)
+        ctx.name = reward.info.get("name")
         ctx.save_for_backward(gradient.to(images) if gradient is not None else None)
         return scores.to(images.device)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_scores):
         (gradient,) = ctx.saved_tensors
         if gradient is None:
-            raise RuntimeError("remote reward: the served reward is not differentiable")
+            raise UserError(f"remote reward: the served reward '{ctx.name}' is not differentiable, so it has no image gradient "
+                            "for the pathwise estimator: set estimator = \"score_function\" on this reward, or use it in [eval]")
         return grad_scores.view(-1, 1, 1, 1) * gradient, None, None

@@ -13,17 +13,21 @@ API all speak ``POST {url}/chat/completions``)::
 Each image is sent as a PNG (or JPEG) data URL with the prompt filled into
 `template`; the first match of `score_pattern` in the answer is the score,
 mapped from `score_range` to [0, 1]. Requests run concurrently, at most
-`max_concurrency` at a time, spread over the servers in `url`, each with a
-timeout and bounded retries; a batch whose requests no server answered
-scores NaN (its step is skipped and counted). An answer with no score in it
-is an error, naming the answer: the template or the pattern is wrong, and
-training on a guess would be worse. Not differentiable.
+`max_concurrency` at a time from one process (a run with N processes has up
+to N x max_concurrency in flight), spread over the servers in `url`, each
+with a timeout and bounded retries; a batch whose requests no server
+answered scores NaN (its step is skipped and counted). At start each server
+is asked `GET {url}/models`: one that answers must list `model` (a
+misspelt name fails at once, not at the first batch). An answer with no
+score in it is an error, naming the answer: the template or the pattern is
+wrong, and training on a guess would be worse. Not differentiable.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +38,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from rewardkit.errors import UserError
+from rewardkit.images import to_uint8
 from rewardkit.rewards.base import Reward, RewardOptions
 from rewardkit.rewards.endpoints import Endpoints, Unavailable, server_urls
 
@@ -42,6 +47,8 @@ DEFAULT_TEMPLATE = (
     "Rate how well it follows the prompt and how good it looks, from 1 (worst) to 10 (best). "
     "Answer with the number only."
 )
+
+log = logging.getLogger("rewardkit")
 
 
 class VLMJudgeOptions(RewardOptions):
@@ -70,8 +77,9 @@ class VLMJudgeOptions(RewardOptions):
     """The longest answer asked for."""
     temperature: float = Field(default=0.0, ge=0)
     """Sampling temperature of the judge (0: its most likely answer, so the same image scores the same)."""
-    api_key_env: str | None = "OPENAI_API_KEY"
-    """An environment variable holding the API key sent as a bearer token, when it is set (local servers need none)."""
+    api_key_env: str | None = None
+    """The environment variable holding the API key, sent as a bearer token (e.g. 'OPENAI_API_KEY' for a hosted API;
+    None, the default: no key, as local vLLM / sglang servers need none, and no key is sent where it was not meant to go)."""
 
     @field_validator("template")
     @classmethod
@@ -110,29 +118,52 @@ class VLMJudge(Reward):
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
-        key = os.environ.get(o.api_key_env) if o.api_key_env else None
+        key = None
+        if o.api_key_env:
+            key = os.environ.get(o.api_key_env)
+            if not key:
+                raise UserError(f"vlm_judge: api_key_env = {o.api_key_env!r}, but that environment variable is not set; "
+                                "export it with the API key, or remove api_key_env for a server that needs none")
         self.endpoints = Endpoints(server_urls(o.url, what="vlm_judge"), timeout=o.timeout, retries=o.retries, what="vlm_judge",
                                    headers={"Authorization": f"Bearer {key}"} if key else None)
         self.pattern = re.compile(o.score_pattern)
+        self._check_model()
         self._pool = ThreadPoolExecutor(max_workers=o.max_concurrency, thread_name_prefix="rewardkit-judge")
-        self.failed_batches = 0
+
+    @property
+    def failed_batches(self) -> int:
+        return self.endpoints.failed_batches
+
+    def _check_model(self) -> None:
+        """Each server's model list (GET {url}/models, which OpenAI-compatible servers answer) must hold `model`."""
+        answered = 0
+        for i, url in enumerate(self.endpoints.urls):
+            try:
+                listed = self.endpoints.request("GET", "/models", only=i, parse=_model_ids)
+            except Unavailable as exc:
+                log.warning("vlm_judge: %s; it is tried again as requests come", exc)
+                continue
+            answered += 1
+            if self.options.model not in listed:
+                raise UserError(f"vlm_judge: {url} serves {', '.join(sorted(listed)) or 'no model'}, not model = {self.options.model!r}; "
+                                "set `model` to the served name")
+        if not answered:
+            raise UserError(f"vlm_judge: no server answered GET /models at {', '.join(self.endpoints.urls)}. Start the judge "
+                            "(e.g. `vllm serve MODEL --port 8000`) and set `url` to its API base, e.g. 'http://127.0.0.1:8000/v1'.")
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        import logging
-
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images and {len(prompts)} prompts")
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         futures = [self._pool.submit(self._ask, array, prompt) for array, prompt in zip(pixels, prompts)]
         try:
             scores = [f.result() for f in futures]
         except Unavailable as exc:
-            for f in futures:
-                f.cancel()
-            self.failed_batches += 1
-            logging.getLogger("rewardkit").warning("%s; the batch of %d images scores NaN, so its step is skipped "
-                                                   "(%d batch(es) failed so far)", exc, len(prompts), self.failed_batches)
+            self.endpoints.lost_batch(exc, len(prompts))
             scores = [float("nan")] * len(prompts)
+        finally:
+            for f in futures:  # after an error (an outage, an unparseable answer, Ctrl-C) nothing queued is sent any more
+                f.cancel()
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     def _ask(self, pixels: np.ndarray, prompt: str) -> float:
@@ -143,12 +174,8 @@ class VLMJudge(Reward):
         ]}
         body = {"model": o.model, "messages": ([{"role": "system", "content": o.system}] if o.system else []) + [question],
                 "max_tokens": o.max_tokens, "temperature": o.temperature}
-        response = self.endpoints.request("POST", "/chat/completions", json=body)
-        try:
-            answer = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise UserError(f"vlm_judge: {response.url} did not answer like an OpenAI chat completion: {response.text[:300]!r}") from None
-        return self.parse(answer or "", prompt)
+        answer = self.endpoints.request("POST", "/chat/completions", json=body, parse=_answer)
+        return self.parse(answer, prompt)
 
     def parse(self, answer: str, prompt: str = "") -> float:
         """The score in a judge's `answer`, mapped to [0, 1] by score_range; UserError when there is none."""
@@ -165,6 +192,28 @@ class VLMJudge(Reward):
                 + f": {answer[:300]!r}. Change `template` so the judge answers with a score, or `score_pattern` to find it."
             )
         return value
+
+
+def _answer(response) -> str:
+    """The text of an OpenAI chat completion's first choice (its content a string, or a list of text parts);
+    ValueError for anything else, which the endpoints count as that server's failure."""
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"not an OpenAI chat completion: {response.text[:300]!r}") from None
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"a chat completion whose content is {type(content).__name__}: {response.text[:300]!r}")
+    return content or ""
+
+
+def _model_ids(response) -> set[str]:
+    """The ids in an OpenAI-style model list ({"data": [{"id": ...}, ...]})."""
+    try:
+        return {str(m["id"]) for m in response.json()["data"]}
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"not an OpenAI model list: {response.text[:200]!r}") from None
 
 
 def _number(text: str) -> float | None:
