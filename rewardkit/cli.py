@@ -300,7 +300,10 @@ def cmd_run(args) -> int:
         for path in args.plugin:
             child += ["--plugin", os.path.abspath(path)]
         return distributed.launch(child, args.num_processes, config, machines)
-    result = Optimizer.from_recipe(recipe).fit(resume=args.resume)
+    try:
+        result = Optimizer.from_recipe(recipe).fit(resume=args.resume)
+    finally:
+        distributed.end_process_group()
     if not distributed.is_main_process():
         return EXIT_OK
     rewards = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in result.metrics.items() if k.startswith("reward/"))

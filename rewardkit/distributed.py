@@ -42,6 +42,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def end_process_group() -> None:
+    """Destroy the process group of a process rewardkit launched (`rewardkit run --num-processes N`'s children),
+    whatever way its run ended: one left to the interpreter's exit can abort it ("terminate called without an
+    active exception" from a gloo thread), turning exit 0 or 2 into SIGABRT. A Python caller's own group is theirs."""
+    import torch.distributed as dist
+
+    if launched() and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shipped_configs() -> dict[str, Path]:
     root = importlib.resources.files("rewardkit.accelerate_configs")
     return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}

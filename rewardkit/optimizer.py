@@ -623,10 +623,8 @@ class Optimizer:
         report = self._write_optimized_images() if self.generator.optimized_noise() is not None else ""  # collectives under FSDP
         if self.main:
             write_json(run_dir / "summary.json", {"step": record.get("step", start_step), "final_metrics": record, "checkpoint": str(final) if final else None})
-        # the trackers' end, and the process group's: a group left to the interpreter's exit can abort it ("terminate
-        # called without an active exception" from a gloo thread), failing a run that finished
-        acc.wait_for_everyone()
-        acc.end_training()
+        if self.run.trackers:
+            acc.end_training()
         return FitResult(run_dir, record.get("step", start_step), record, final, report)
 
     # --- logging and drawing -----------------------------------------------------------
