@@ -34,7 +34,7 @@ from pathlib import Path
 from rewardkit.durable import WRITE_ERRORS, atomic_write, failure, fsync, writable_dir, write_text_atomic
 from rewardkit.errors import UserError, WriteFailed
 from rewardkit.generators.diffusion import DTYPES, DiffusionGenerator
-from rewardkit.rundir import generator_from_checkpoint, resolve_run_path
+from rewardkit.rundir import generator_from_checkpoint, recipe_table, resolve_run_path, sample_grids
 
 FORMATS = ("diffusers", "lora")
 LORA_LAYOUTS = ("diffusers", "kohya")
@@ -110,11 +110,11 @@ def _check_recipe(run_dir: Path, registry, format: str, layout: str) -> None:
 
 
 def export_generator(generator: DiffusionGenerator, out: str | Path, format: str, lora_layout: str = "diffusers",
-                     source: RunSource | None = None, progress: bool | None = None) -> Path:
+                     source: RunSource | None = None, progress: bool = True) -> Path:
     """Write a diffusers pipeline folder ('diffusers') or LoRA weights ('lora', in diffusers' or kohya's layout),
     with rewardkit_export.json and a model card (the recipe and sample grid of `source` when given).
 
-    `progress`: a progress bar while a pipeline is saved (None: on a terminal only)."""
+    `progress`: a progress bar while a pipeline is saved (as rewardkit.images.progress_bar decides; False: none)."""
     out = Path(out)
     if not isinstance(generator, DiffusionGenerator):
         raise UserError(f"generator '{generator.name}' cannot be exported: only the diffusion generators "
@@ -126,6 +126,10 @@ def export_generator(generator: DiffusionGenerator, out: str | Path, format: str
         raise UserError(problem)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
+    here = Path.cwd()
+    if out.resolve() in (here, *here.parents):  # '.', '..': the export replaces the folder as a whole
+        raise UserError(f"--out {out} is the current folder (or holds it); name a new folder, e.g. --out exported/")
+    out = out.resolve()
 
     # Written beside `out` and renamed onto it once complete: a crash leaves no folder that looks finished
     # (a kill leaves this hidden .partial folder, which no loader takes for an export).
@@ -171,7 +175,7 @@ def _flush(folder: Path) -> None:
         fsync(Path(root))
 
 
-def _export_pipeline(gen: DiffusionGenerator, out: Path, progress: bool | None = None) -> None:
+def _export_pipeline(gen: DiffusionGenerator, out: Path, progress: bool = True) -> None:
     """Save the pipeline with the trained denoiser (LoRA merged) and the matching scheduler.
 
     Weights keep their storage dtype: weights_dtype for frozen and merged
@@ -194,7 +198,7 @@ def _export_pipeline(gen: DiffusionGenerator, out: Path, progress: bool | None =
     try:
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
         total = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-        with _quiet_library_bars(), written_bytes_bar(out, total, "exporting pipeline", disable=None if progress is None else not progress):
+        with _quiet_library_bars(), written_bytes_bar(out, total, "exporting pipeline", enabled=progress):
             pipe.save_pretrained(out, safe_serialization=True)
     finally:
         pipe.register_modules(**original)
@@ -219,12 +223,12 @@ def _quiet_library_bars():
 
 
 @contextlib.contextmanager
-def written_bytes_bar(folder: Path, total: int, desc: str, disable: bool | None = None, file=None, interval: float = 0.5):
-    """A tqdm bar of the bytes under `folder` against `total`, polled from a thread while the block writes there
-    (save_pretrained reports no progress of its own). `disable=None`: shown on a terminal only, as tqdm decides."""
-    from tqdm.auto import tqdm
+def written_bytes_bar(folder: Path, total: int, desc: str, enabled: bool = True, file=None, interval: float = 0.5):
+    """A progress bar of the bytes under `folder` against `total`, polled from a thread while the block writes there
+    (save_pretrained reports no progress of its own); shown as rewardkit.images.progress_bar decides."""
+    from rewardkit.images import progress_bar
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=disable, file=file, dynamic_ncols=True)
+    bar = progress_bar(total, desc, "B", enabled=enabled, unit_scale=True, unit_divisor=1024, file=file)
     stop = threading.Event()
 
     def poll():
@@ -470,11 +474,7 @@ def _copy_grid(source: RunSource, dest: Path) -> dict | None:
     """Copy the run's sample grid of the exported checkpoint's step (else the newest before it) to `dest`;
     returns {'step': ..., 'prompts': ...} or None when the run wrote none."""
     step = _checkpoint_step(source.checkpoint)
-    grids = []
-    for path in (source.run_dir / "samples").glob("step_*.png"):
-        match = re.fullmatch(r"step_(\d+)\.png", path.name)
-        if match and (step is None or int(match.group(1)) <= step):
-            grids.append((int(match.group(1)), path))
+    grids = [(s, path) for s, path in sample_grids(source.run_dir) if step is None or s <= step]
     if not grids:
         return None
     grid_step, path = max(grids)
@@ -491,14 +491,7 @@ def _checkpoint_step(checkpoint: Path) -> int | None:
 
 
 def _read_recipe(source: RunSource | None) -> dict:
-    import tomllib
-
-    if source is None:
-        return {}
-    try:
-        return tomllib.loads((source.run_dir / "recipe.toml").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return recipe_table(source.run_dir) if source is not None else {}
 
 
 def model_card(gen: DiffusionGenerator, format: str, layout: str = "diffusers", weight_name: str | None = None,

@@ -140,9 +140,7 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Train and save the classifier; returns what was stored in its metadata."""
-    from tqdm.auto import tqdm
-
-    from rewardkit.images import default_device, progress_disable
+    from rewardkit.images import default_device, progress_bar
 
     if not 1 < min_factor <= max_factor:
         raise UserError(f"train-hires: need 1 < --min-factor <= --max-factor; got {min_factor} and {max_factor}")
@@ -172,9 +170,9 @@ def train(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=steps)
     g = torch.Generator().manual_seed(seed)
     stream = _batches(train_set, batch_size, steps, workers, seed)
-    bar = tqdm(range(steps), desc="train-hires", unit="step", disable=progress_disable(progress), dynamic_ncols=True)
+    bar = progress_bar(steps, "train-hires", "step", enabled=progress)
     t0, ema = time.perf_counter(), math.nan
-    for _ in bar:
+    for _ in range(steps):
         real = next(stream).to(device)
         images, labels = _labelled(real, torch.empty(len(real)).uniform_(min_factor, max_factor, generator=g))
         logits = model(images)
@@ -186,6 +184,7 @@ def train(
         schedule.step()
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
+        bar.update(1)
     bar.close()
     accuracy = heldout_accuracy(model, val_set, (min_factor, max_factor), device, seed=seed)
     if accuracy < 0.7:

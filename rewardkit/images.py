@@ -243,6 +243,14 @@ def progress_disable(enabled: bool = True) -> bool | None:
     return None
 
 
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True, **kwargs):
+    """rewardkit's one kind of progress bar: tqdm on stderr, shown as `progress_disable(enabled)` decides, its width
+    following the terminal's. `kwargs` go to tqdm (initial, leave, unit_scale, file, ...)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=progress_disable(enabled), dynamic_ncols=True, **kwargs)
+
+
 def default_device() -> torch.device:
     """Where inference runs outside training: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,13 +22,13 @@ import logging
 import math
 import re
 import statistics
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rewardkit.durable import atomic_write, writable_file, write_text_atomic
 from rewardkit.errors import UserError
 from rewardkit.metrics import read_metrics
+from rewardkit.rundir import recipe_table, sample_grids
 
 log = logging.getLogger("rewardkit")
 
@@ -105,10 +105,9 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"{metrics} cannot be read ({exc.strerror or exc})") from None
     if not records:
         raise UserError(f"{metrics} holds no complete record yet: nothing to report")
-    run = Run(path, records, recipe=_read_recipe(path / "recipe.toml"), summary=_read_json(path / "summary.json"))
-    found = [(int(m.group(1)), p) for p in (path / "samples").glob("step_*.png") if (m := re.fullmatch(r"step_(\d+)\.png", p.name))]
-    run.grids = sorted(found)
-    run.other_images = sorted(p for p in (path / "samples").glob("*.png") if p not in {g for _, g in found})
+    run = Run(path, records, recipe=recipe_table(path), summary=_read_json(path / "summary.json"))
+    run.grids = sample_grids(path)
+    run.other_images = sorted(p for p in (path / "samples").glob("*.png") if p not in {g for _, g in run.grids})
     return run
 
 
@@ -118,16 +117,6 @@ def load_runs(run_dirs) -> list[Run]:
     for run, name in zip(runs, legend_names(runs)):
         run.name = name
     return runs
-
-
-def _read_recipe(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        log.warning("%s does not parse (%s); the legend leaves this run's recipe out", path, exc)
-        return {}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -443,9 +432,7 @@ def _fmt(x: float) -> str:
 def build_report(run_dirs: list[str | Path], out: str | Path | None = None, progress: bool = True) -> Path:
     """Write the report of `run_dirs` to `out` (default RUN_DIR/report.html for one run) and its PNG curves to
     OUT's stem + "_files/"; returns the HTML file's path. UserError for bad input."""
-    from tqdm.auto import tqdm
-
-    from rewardkit.images import progress_disable
+    from rewardkit.images import progress_bar
 
     if not run_dirs:
         raise UserError("rewardkit report needs at least one RUN_DIR")
@@ -464,7 +451,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, prog
     figs = figures(runs)
     warned = _warned(runs)
     shown = [pick_grids(run.grids) for run in runs]
-    bar = tqdm(total=2 * len(figs) + sum(map(len, shown)) + 1, desc="report", unit="part", disable=progress_disable(progress), dynamic_ncols=True)
+    bar = progress_bar(2 * len(figs) + sum(map(len, shown)) + 1, "report", "part", enabled=progress)
     try:
         parts = [_header(runs, warned)]
         plots, taken, first = [], set(), True

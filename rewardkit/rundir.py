@@ -28,6 +28,29 @@ from rewardkit.recipe import load_recipe
 log = logging.getLogger("rewardkit")
 
 
+def sample_grids(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's sample grids, samples/step_NNNNNN.png, as (step, path) by step."""
+    import re
+
+    found = [(int(m.group(1)), p) for p in (run_dir / "samples").glob("step_*.png") if (m := re.fullmatch(r"step_(\d+)\.png", p.name))]
+    return sorted(found)
+
+
+def recipe_table(run_dir: Path) -> dict:
+    """RUN_DIR/recipe.toml as plain TOML, for describing a run (a report, a model card); {} with a warning where it is
+    missing or does not parse. Building from a recipe validates it: load_recipe."""
+    import tomllib
+
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        log.warning("%s does not parse (%s); the run is described without its recipe", path, exc)
+        return {}
+
+
 def write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
 

@@ -103,6 +103,7 @@ ETA = re.compile(r"rewardkit: 100%.*2/2 \[\d\d:\d\d<\d\d:\d\d")  # tqdm's elapse
 
 
 def test_training_grid_and_progress_bar(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("REWARDKIT_PROGRESS", raising=False)  # tqdm's own rule first
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     _fit(tmp_path, "tty", progress=True)

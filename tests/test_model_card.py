@@ -243,10 +243,33 @@ def test_failed_export_leaves_nothing_that_looks_complete(sd_run, tmp_path, monk
     assert list(tmp_path.iterdir()) == [tmp_path / "out"] and not any((tmp_path / "out").iterdir())  # no weights, no .partial
 
 
-def test_progress_bar_counts_written_bytes(tmp_path):
+def test_progress_bar_counts_written_bytes(tmp_path, monkeypatch):
+    import time
+
     from rewardkit.export import written_bytes_bar
 
+    monkeypatch.setenv("REWARDKIT_PROGRESS", "1")  # shown although the stream is no terminal
     stream = io.StringIO()
-    with written_bytes_bar(tmp_path, 4096, "exporting", disable=False, file=stream, interval=0.01):
-        (tmp_path / "a.bin").write_bytes(b"x" * 4000)
+    with written_bytes_bar(tmp_path, 4096, "exporting", file=stream, interval=0.01) as bar:
+        (tmp_path / "a.bin").write_bytes(b"x" * 1000)
+        end = time.monotonic() + 10
+        while bar.n < 1000 and time.monotonic() < end:  # polled from its thread while the block still writes
+            time.sleep(0.01)
+        assert bar.n == 1000
     assert "exporting" in stream.getvalue() and "100%" in stream.getvalue()
+    monkeypatch.setenv("REWARDKIT_PROGRESS", "0")
+    with written_bytes_bar(tmp_path, 4096, "hidden", file=stream) as bar:
+        assert bar.disable
+    assert "hidden" not in stream.getvalue()
+
+
+def test_export_into_the_current_folder_is_refused_with_a_message(sd_run, tmp_path, monkeypatch, capsys):
+    """The export is renamed onto --out as a whole, so '.' (or a folder holding it) cannot be it: exit 2, not a
+    half-made folder reported as a failed write."""
+    _, run = sd_run
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["export", str(run), "--format", "lora", "--out", "."]) == 2
+    assert "is the current folder" in capsys.readouterr().err
+    assert list(here.iterdir()) == [] and list(tmp_path.glob(".*partial*")) == []
