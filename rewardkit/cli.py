@@ -181,8 +181,8 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=at_least(1, 65536), default=8100, help="default 8100")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max-batch", type=at_least(1), default=256, help="most images one request may hold (default 256)")
-    p.add_argument("--max-queue", type=at_least(1), default=32, help="requests waiting to be scored before more are told "
-                   "503 (retry later / elsewhere) (default 32)")
+    p.add_argument("--max-queue", type=at_least(1), default=32, help="requests in the server at once (being received, waiting "
+                   "or scored) before more are told 503, retry later or elsewhere (default 32)")
     p.add_argument("--max-request-mb", type=at_least(1), default=1024, help="largest request body in MB (default 1024)")
 
     p = sub.add_parser(

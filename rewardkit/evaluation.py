@@ -128,9 +128,7 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
 
     import time
 
-    from tqdm.auto import tqdm
-
-    from rewardkit.images import fixed_noise, generate, progress_disable, save_image
+    from rewardkit.images import fixed_noise, generate, progress_bar, save_image
 
     generator = spec.build(registry, prompts, seed)
     options = generator.sample_options()
@@ -139,7 +137,7 @@ def generate_or_reuse(spec: GeneratorSpec, registry, prompts, n: int, steps: int
     noise = fixed_noise(generator, len(expanded), seed)
     folder.mkdir(parents=True, exist_ok=True)
     elapsed, picked = 0.0, {}
-    bar = tqdm(total=len(expanded), desc=f"generating {spec.label}", unit="image", leave=False, disable=progress_disable(), dynamic_ncols=True)
+    bar = progress_bar(len(expanded), f"generating {spec.label}", "image", leave=False)
     for start in range(0, len(expanded), batch_size):
         t = time.perf_counter()
         images = generate(generator, expanded[start : start + batch_size], noise[start : start + batch_size], options, batch_size)
@@ -241,14 +239,12 @@ def score_files(rewards: dict, fid: "FID | None", paths: Sequence[Path], prompts
                 what: str = "") -> tuple[dict[str, torch.Tensor], float | None]:
     """Every metric on saved images, streamed: one batch of images in memory at a time, whatever their number
     (COCO-5k at 1024 px would be 63 GB of float32)."""
-    from tqdm.auto import tqdm
-
-    from rewardkit.images import progress_disable
+    from rewardkit.images import progress_bar
 
     parts: dict[str, list] = {label: [] for label in rewards}
     if fid is not None:
         fid.metric.reset()  # fake features only: the reference is kept (reset_real_features=False)
-    bar = tqdm(total=len(paths), desc=f"scoring {what}".rstrip(), unit="image", leave=False, disable=progress_disable(), dynamic_ncols=True)
+    bar = progress_bar(len(paths), f"scoring {what}".rstrip(), "image", leave=False)
     for i in range(0, len(paths), batch_size):
         images = load_images(paths[i : i + batch_size])
         for label, s in score_rewards(rewards, images, prompts[i : i + batch_size], batch_size).items():
@@ -258,6 +254,10 @@ def score_files(rewards: dict, fid: "FID | None", paths: Sequence[Path], prompts
         bar.update(len(images))
     bar.close()
     scores = {label: torch.cat(chunks) for label, chunks in parts.items()}
+    for label, s in scores.items():
+        if (lost := int(torch.isnan(s).sum())):  # a remote reward's batch no server answered scores NaN
+            log.warning("%s: %d of %d images scored NaN (for a remote reward: batches no server answered, see above); "
+                        "its mean is NaN: score again once its servers answer (the images are cached)", label, lost, len(s))
     return scores, (float(fid.metric.compute()) if fid is not None else None)
 
 
@@ -299,11 +299,9 @@ class FID:
         files = sorted(p for p in reference.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if len(files) < 2:
             raise UserError(f"--reference {reference}: needs at least 2 images (.png/.jpg/...), found {len(files)}")
-        from tqdm.auto import tqdm
+        from rewardkit.images import progress_bar
 
-        from rewardkit.images import progress_disable
-
-        bar = tqdm(total=len(files), desc="FID reference statistics", unit="image", leave=False, disable=progress_disable(), dynamic_ncols=True)
+        bar = progress_bar(len(files), "FID reference statistics", "image", leave=False)
         for i in range(0, len(files), batch_size):
             self.metric.update(_inception_input(load_images(files[i : i + batch_size], size=INCEPTION_SIZE)), real=True)
             bar.update(min(batch_size, len(files) - i))
@@ -408,21 +406,10 @@ def build_rewards(names: dict[str, str], registry, metric_options: Sequence[str]
         if label not in options or len(keys) != 2:
             raise UserError(f"--metric-option {text!r}: expected METRIC.KEY=VALUE for one of the chosen metrics ({', '.join(names)})")
         options[label][keys[1]] = value
+    from rewardkit.rewards.base import standalone_reward
+
     return {label: standalone_reward(registry.get("reward", name), options[label], label, source="--metric-option")
             for label, name in names.items()}
-
-
-def standalone_reward(cls, values: dict, label: str, source: str, device: str | None = None):
-    """A reward plugin built outside a run (evaluation, `serve-reward`): its options validated as a recipe's are,
-    frozen, in eval mode, on `device` (default: the GPU when there is one)."""
-    from rewardkit.images import default_device
-    from rewardkit.options import validate_plugin_options
-    from rewardkit.rewards.base import Reward
-
-    validate_plugin_options(cls, values, label, source=source)
-    if cls.setup is not Reward.setup:
-        raise UserError(f"reward '{label}' needs the run's generator (it implements setup), so it cannot be built apart from a run")
-    return cls(**values).requires_grad_(False).eval().to(torch.device(device) if device else default_device())
 
 
 def _default_steps(spec: GeneratorSpec, registry) -> int | None:

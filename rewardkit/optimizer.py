@@ -41,7 +41,7 @@ from rewardkit.checkpoint import latest_checkpoint, load_checkpoint, load_ema, s
 from rewardkit.durable import write_text_atomic
 from rewardkit.ema import EMA
 from rewardkit.errors import RecipeError, TrainingDiverged, UserError, WriteFailed
-from rewardkit.images import fixed_noise, generate, optimized_batches, progress_disable, save_grid, save_pngs
+from rewardkit.images import fixed_noise, generate, optimized_batches, progress_bar, save_grid, save_pngs
 from rewardkit.metrics import MetricsLog, read_metrics
 from rewardkit.options import describe_errors, validate_strict
 from rewardkit.generators.base import Rollout
@@ -219,6 +219,8 @@ class Optimizer:
             self.schedule.step()
         self.nonfinite_total += finite.count(False)
         self.consecutive_bad = 0 if all(finite) else self.consecutive_bad + 1
+        if all(finite):
+            self.lost_at_good_step = self._lost_batches()
         micro = updates[0]  # the rewards' scores and gradients: the first update's; the policy's statistics: the last's
         t4 = self._clock()
 
@@ -441,7 +443,6 @@ class Optimizer:
         """Build everything a step needs, restore a checkpoint when resuming; returns the step to continue after."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
-        from tqdm.auto import tqdm
 
         run, run_dir = self.run, self.run_dir
         check_run_dir(run_dir, resume)
@@ -490,6 +491,7 @@ class Optimizer:
         self.schedule = _lr_schedule(self.optim, optim, run.steps)
         self.data_rng = torch.Generator().manual_seed(run.seed)
         self.nonfinite_total, self.consecutive_bad = 0, 0
+        self.lost_at_good_step = self._lost_batches()
 
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         # weights before prepare (FSDP shards what it is given), optimizer state after it
@@ -523,8 +525,7 @@ class Optimizer:
                 if self.main:
                     self.metrics.write({"step": 0, **evaluated})
         # tqdm's default bar shows steps done / run.steps, elapsed < remaining (the ETA) and the rate; rank 0 alone
-        self.progress = tqdm(total=run.steps, initial=start_step, disable=progress_disable(run.progress and self.main), desc="rewardkit",
-                             unit="step", dynamic_ncols=True)
+        self.progress = progress_bar(run.steps, "rewardkit", "step", enabled=run.progress and self.main, initial=start_step)
         return start_step
 
     def _main_decides(self, decide):
@@ -686,12 +687,17 @@ class Optimizer:
         shard = distributed.batch_shard(acc.process_index, acc.num_processes, B)
         return prompts[shard], noise[shard].to(acc.device), distributed.shard_options(options, shard)
 
+    def _lost_batches(self) -> dict[str, int]:
+        """{label: batches no server answered so far} of the rewards computed elsewhere (remote, vlm_judge)."""
+        return {label: r.endpoints.failed_batches for label, r in self.rewards.items() if hasattr(r, "endpoints")}
+
     def _stop_if_diverged(self, step: int) -> None:
         if self.consecutive_bad >= self.run.max_nonfinite_steps:
             self.metrics.close()
-            # rewards served elsewhere (remote, vlm_judge) score NaN for a batch no server answered: name them first
-            lost = [f"{label} ({r.endpoints.failed_batches} batch(es) no server answered; see the warnings above)"
-                    for label, r in self.rewards.items() if getattr(getattr(r, "endpoints", None), "failed_batches", 0)]
+            # rewards served elsewhere (remote, vlm_judge) score NaN for a batch no server answered: those that lost
+            # batches since the last good step come first (counted on this process; each process has its requests)
+            lost = [f"{label} ({n - self.lost_at_good_step.get(label, 0)} batch(es) no server answered; see the warnings above)"
+                    for label, n in self._lost_batches().items() if n > self.lost_at_good_step.get(label, 0)]
             cause = (f"Rewards computed elsewhere failed: {', '.join(lost)}; check their servers. " if lost else
                      "Lower optimizer.lr, set optimizer.max_grad_norm, or check the rewards for NaN.")
             raise TrainingDiverged(

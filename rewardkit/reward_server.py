@@ -7,8 +7,9 @@ FastAPI + uvicorn. The protocol is rewardkit.rewards.remote's: ``GET /info``
 (safetensors in, safetensors out; the image gradient when asked and the
 reward is differentiable). Requests are scored one at a time (the model is
 one), in a worker thread, so /info answers meanwhile; a request whose client
-went away while it waited is not scored. Past `max_queue` requests waiting,
-the server answers 503 with Retry-After (the client tries another server or
+went away while it waited is not scored. Past `max_queue` requests in the
+server (being received, waiting or scored; /info's `waiting`), it answers
+503 with Retry-After (the client tries another server or
 waits), and a body above `max_request_mb` is refused with 413 before it is
 read. A request the reward refuses as bad input (a UserError) answers 422
 with its message, a malformed one 400; the client reports both as errors,
@@ -35,7 +36,7 @@ MAX_BATCH, MAX_QUEUE, MAX_REQUEST_MB = 256, 32, 1024
 
 def build_reward(name: str, options: Sequence[str], registry, device: str | None = None) -> Reward:
     """The reward `name` with `options` ('KEY=VALUE', values read as TOML), validated as a recipe's are, on `device`."""
-    from rewardkit.evaluation import standalone_reward
+    from rewardkit.rewards.base import standalone_reward
     from rewardkit.recipe import parse_override
 
     cls = registry.get("reward", name)

@@ -96,7 +96,7 @@ def test_the_wire_format_round_trips_and_refuses_malformed_requests():
     images, prompts, gradient = decode_request(encode_request(x, ["a", "b é", "c"], True))
     assert torch.equal(images, x) and prompts == ["a", "b é", "c"] and gradient
     quantized, _, gradient = decode_request(encode_request(x, ["a", "b", "c"], False, transfer="uint8"))
-    assert not gradient and torch.equal(quantized, (x * 255).round() / 255)
+    assert not gradient and torch.equal(quantized, torch.floor(x * 255 + 0.5) / 255)  # as saved PNGs round
     scores, grad = decode_response(encode_response(torch.arange(3.0), torch.ones(3, 3, 8, 5)), 3, (3, 3, 8, 5), True)
     assert torch.equal(scores, torch.arange(3.0)) and torch.equal(grad, torch.ones(3, 3, 8, 5))
     with pytest.raises(ValueError, match="3 strings"):
@@ -137,7 +137,7 @@ def test_requests_respect_the_servers_limits_and_malformed_ones_are_refused(serv
     with torch.no_grad():
         assert torch.allclose(remote(x, PROMPTS), local(x, PROMPTS), rtol=1e-5, atol=1e-5)
     after = requests.get(small.url + "/info", timeout=5).json()
-    assert (after["requests"] - before["requests"], after["images"] - before["images"]) == (2, 6)  # 4 + 2
+    assert (after["requests"] - before["requests"], after["images"] - before["images"]) == (2, 6)  # 3 + 3: none above 4
     big = torch.rand(3, 3, 256, 256)  # 786 KB each as float32: one per request under 1 MB
     with torch.no_grad():
         assert remote(big, PROMPTS[:3]).shape == (3,)
@@ -247,16 +247,21 @@ def test_outages_a_killed_server_is_survived_a_hung_one_times_out_a_lost_batch_s
     assert [r["skipped"] for r in rows] == [True] * 3 and rows[-1]["nonfinite_total"] == 3
 
 
-class Slow(Reward):
-    """A throwaway reward that takes its time: the server's queue under test, not a model."""
+class Held(Reward):
+    """A throwaway reward that scores only when the test lets it: the server's queue under test, not a model."""
 
-    name = "slow"
+    name = "held"
     differentiable = False
-    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.release, self.calls = threading.Event(), 0
 
     def forward(self, images, prompts):
-        type(self).calls += 1
-        time.sleep(0.8)
+        self.calls += 1
+        assert self.release.wait(60), "the test never released the reward"
         return images.mean(dim=(1, 2, 3))
 
 
@@ -268,41 +273,46 @@ def test_a_busy_server_sheds_load_and_skips_requests_nobody_waits_for():
 
     from rewardkit.reward_server import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Slow(), max_queue=2), host="127.0.0.1", port=port, log_level="warning"))
+    port, reward = free_port(), Held()
+    server = uvicorn.Server(uvicorn.Config(create_app(reward, max_queue=2), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    end = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < end and thread.is_alive(), "the server did not start in 30 s"
-        time.sleep(0.02)
-    url, body = f"http://127.0.0.1:{port}/score", encode_request(torch.rand(1, 3, 4, 4), ["a"], False)
+    base, body = f"http://127.0.0.1:{port}", encode_request(torch.rand(1, 3, 4, 4), ["a"], False)
+
+    def until(condition, what: str) -> None:
+        end = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < end, f"{what} did not happen in 30 s"
+            time.sleep(0.02)
+
+    until(lambda: server.started, "the server's start")
+    info = lambda: requests.get(base + "/info", timeout=10).json()  # noqa: E731
     results = {}
 
     def post(name: str, timeout: float) -> None:
         try:
-            results[name] = requests.post(url, data=body, timeout=timeout).status_code
+            results[name] = requests.post(base + "/score", data=body, timeout=timeout).status_code
         except requests.Timeout:
             results[name] = "timeout"
 
+    first = threading.Thread(target=post, args=("scored", 60))
+    quitter = threading.Thread(target=post, args=("gave up", 1.0))
     try:
-        first = threading.Thread(target=post, args=("scored", 30))
         first.start()
-        time.sleep(0.3)  # being scored (0.8 s)
-        quitter = threading.Thread(target=post, args=("gave up", 0.3))  # waits its turn behind the first, gives up
+        until(lambda: reward.calls == 1, "the first request's scoring")  # held inside the reward
         quitter.start()
-        time.sleep(0.1)
-        shed = requests.post(url, data=body, timeout=30)  # the queue holds 2: the next one is told to come back
+        until(lambda: info()["waiting"] == 2, "the second request's wait")
+        shed = requests.post(base + "/score", data=body, timeout=30)  # the queue holds 2: the next one is told to come back
         assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "--max-queue 2" in shed.json()["detail"]
+        quitter.join()  # its client gave up while it waited its turn
+        time.sleep(0.2)  # the server hears of the closed connection
+        reward.release.set()
         first.join()
-        quitter.join()
         assert results == {"scored": 200, "gave up": "timeout"}
-        end = time.monotonic() + 10
-        while requests.get(f"http://127.0.0.1:{port}/info", timeout=5).json()["waiting"] and time.monotonic() < end:
-            time.sleep(0.05)  # the quitter's turn, after the first
-        info = requests.get(f"http://127.0.0.1:{port}/info", timeout=5).json()
-        assert info["waiting"] == 0 and info["requests"] == Slow.calls == 1, "the request whose client went away was not scored"
+        until(lambda: info()["waiting"] == 0, "the quitter's turn")
+        assert info()["requests"] == reward.calls == 1, "the request whose client went away was not scored"
     finally:
+        reward.release.set()
         server.should_exit = True
         thread.join(10)
 

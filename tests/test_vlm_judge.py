@@ -85,7 +85,7 @@ class Judge:
 
 @pytest.fixture(scope="module")
 def judge():
-    server = Judge(delay=0.3)  # long enough that 3 requests are surely in flight together
+    server = Judge(delay=0.5)  # long enough that 3 requests are surely in flight together
     yield server
     server.stop()
 
@@ -101,6 +101,7 @@ def test_scores_are_the_judges_numbers_mapped_to_0_1_and_requests_look_like_open
     x = images(8)
     prompts = [f"a red cube {i}" for i in range(8)]
     judge.requests.clear()
+    judge.most_in_flight = 0
     scores = reward(x, prompts)
     # what the judge saw: the 8-bit image (PNG is lossless); its answer has 4 decimals on a 1-10 scale
     seen = (x * 255).round().mean(dim=(1, 2, 3)) / 255

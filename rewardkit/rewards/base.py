@@ -88,3 +88,16 @@ class Reward(Configurable, torch.nn.Module):
             s = self(x, prompts).float()
             (g,) = torch.autograd.grad(s.sum(), x)
         return s.detach(), g
+
+
+def standalone_reward(cls, values: dict, label: str, source: str, device: str | None = None):
+    """A reward plugin built outside a run (evaluation, `serve-reward`): its options validated as a recipe's are,
+    frozen, in eval mode, on `device` (default: the GPU when there is one)."""
+    from rewardkit.errors import UserError
+    from rewardkit.images import default_device
+    from rewardkit.options import validate_plugin_options
+
+    validate_plugin_options(cls, values, label, source=source)
+    if cls.setup is not Reward.setup:
+        raise UserError(f"reward '{label}' needs the run's generator (it implements setup), so it cannot be built apart from a run")
+    return cls(**values).requires_grad_(False).eval().to(torch.device(device) if device else default_device())

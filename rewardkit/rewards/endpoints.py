@@ -3,13 +3,15 @@
 Requests go to the servers in turn (load spread across them), each with a
 timeout; a request that fails for a reason that may pass (no connection, a
 timeout, a connection cut mid-answer, a 5xx, 408 or 429 answer, an answer
-that does not parse) is retried after a short jittered pause (the server's
-Retry-After when it gives one), on the next server, a bounded number of
-times; the server that failed is passed over for `COOLDOWN_S` seconds while
-another answers. When every try fails, `Unavailable` is raised: the rewards
+that does not parse) is retried on the next server (after a short jittered
+pause when that is the same one, or the server's Retry-After), a bounded
+number of times; the server that failed is passed over for `COOLDOWN_S`
+seconds while another answers. A busy server (503 with Retry-After, a full
+queue) has not failed: the request goes elsewhere or waits as asked. When every try fails, `Unavailable` is raised: the rewards
 turn that into NaN scores (`lost_batch`), so the optimizer skips the step and
-counts it like any non-finite step. Every request has a timeout, so a server
-that hangs costs at most (retries + 1) x timeout seconds per batch. Any other
+counts it like any non-finite step. Every try has a timeout (connecting,
+and each wait for the server's bytes), so a hung server delays a request
+by about `timeout` seconds per try, never forever. Any other
 4xx answer is the request's fault (a prompt the server's reward refuses, a
 wrong model name), as is a URL requests cannot use (a bad TLS certificate,
 an invalid URL): a UserError, exit 2, with the server's message.
@@ -77,11 +79,14 @@ class Endpoints:
         return start
 
     def request(self, method: str, path: str, *, start: int | None = None, only: int | None = None, headers: dict | None = None,
-                parse: Callable[[object], T] = lambda response: response, **kwargs) -> T:
+                parse: Callable[[object], T] = lambda response: response, missing_ok: bool = False, **kwargs) -> T | None:
         """`parse(response)` of the first server (from `start`, in turn, healthy ones first; or server `only`) that
         answers 2xx with a body `parse` accepts (a ValueError from it counts as that server's failure).
 
-        Raises Unavailable when `retries + 1` tries all failed, UserError on a 4xx answer or an unusable URL."""
+        A server that is busy (503 with Retry-After: its queue is full) is not a failure: the request goes to the
+        next server, or waits as asked when there is no other, for up to `timeout` seconds, without using a retry.
+        Raises Unavailable when `retries + 1` tries all failed, UserError on a 4xx answer or an unusable URL
+        (`missing_ok`: None for a 404 or 405, a path the server does not offer)."""
         import requests
 
         session = getattr(self._local, "session", None)
@@ -89,51 +94,79 @@ class Endpoints:
             session = self._local.session = requests.Session()
         order = [only] if only is not None else self._order(self.start() if start is None else start)
         headers = {**self.headers, **(headers or {})}
-        errors, pause = [], 0.0
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(pause or BACKOFF_S * (1 + random.random()))
-            i = order[attempt % len(order)]
+        errors, pause, tries, k = [], 0.0, 0, 0
+        busy_until = time.monotonic() + self.timeout
+        while tries <= self.retries:
+            i = order[k % len(order)]
+            k += 1
             url = self.urls[i] + path
+            if pause:
+                time.sleep(pause)
             pause = 0.0
             try:
                 response = session.request(method, url, timeout=(min(10.0, self.timeout), self.timeout), headers=headers, **kwargs)
             except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                errors.append(f"{url}: {type(exc).__name__}: {_short(exc)}")
-                self._failed(i, errors[-1])
+                pause = self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, order, k)
+                tries += 1
                 continue
             except requests.ConnectionError as exc:
                 if isinstance(exc, requests.exceptions.SSLError):  # a certificate does not heal by retrying
                     raise UserError(f"{self.what}: {url}: TLS failed ({_short(exc)}); check the URL's scheme and the server's certificate") from None
-                errors.append(f"{url}: {type(exc).__name__}: {_short(exc)}")
-                self._failed(i, errors[-1])
+                pause = self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, order, k)
+                tries += 1
                 continue
             except requests.RequestException as exc:  # an invalid URL, too many redirects: no retry mends them
                 raise UserError(f"{self.what}: {url}: {type(exc).__name__}: {_short(exc)}") from None
-            if retriable_status(response.status_code):
-                errors.append(f"{url}: HTTP {response.status_code} {_detail(response)}")
-                self._failed(i, errors[-1])
-                pause = _retry_after(response)
+            status = response.status_code
+            if status == 503 and "Retry-After" in response.headers and time.monotonic() < busy_until:
+                log.debug("%s: %s is busy (%s)", self.what, url, _detail(response))
+                if k % len(order) == 0:  # every server asked once since the last pause: wait as asked
+                    pause = _retry_after(response) or BACKOFF_S
                 continue
-            if response.status_code >= 400:
-                raise UserError(f"{self.what}: {url} refused the request (HTTP {response.status_code}): {_detail(response)}")
+            if retriable_status(status):
+                pause = self._failure(i, f"{url}: HTTP {status} {_detail(response)}", errors, order, k, _retry_after(response))
+                tries += 1
+                continue
+            if missing_ok and status in (404, 405):
+                return None
+            if status >= 400:
+                raise UserError(f"{self.what}: {url} refused the request (HTTP {status}): {_detail(response)}")
             try:
                 value = parse(response)
             except ValueError as exc:  # a 200 with a body that is not the service's answer: a broken or wrong server
-                errors.append(f"{url}: an unreadable answer ({exc})")
-                self._failed(i, errors[-1])
+                pause = self._failure(i, f"{url}: an unreadable answer ({exc})", errors, order, k)
+                tries += 1
                 continue
             with self._lock:
                 self._down_until[i] = 0.0
             return value
         raise Unavailable(f"{self.what}: no server answered in {self.retries + 1} tries ({'; '.join(errors)})")
 
-    def lost_batch(self, exc: Unavailable, n: int) -> None:
-        """Count and log a batch of `n` images that no server could score (the caller returns NaN scores for it)."""
-        with self._lock:
-            self.failed_batches += 1
-            failed = self.failed_batches
-        log.warning("%s; the batch of %d images scores NaN, so its step is skipped (%d batch(es) failed so far)", exc, n, failed)
+    def _failure(self, i: int, error: str, errors: list, order: list, k: int, retry_after: float = 0.0) -> float:
+        """Record server i's failure; the pause before the next try: none while servers not yet tried in this round
+        remain, then the server's Retry-After or a short jittered one (clients that failed together spread out)."""
+        errors.append(error)
+        self._failed(i, error)
+        if k % len(order):
+            return 0.0
+        return retry_after or BACKOFF_S * (1 + random.random())
+
+    def gather(self, pool, calls: Sequence[tuple[Callable, tuple]], n: int) -> list | None:
+        """The results of `calls` (function, arguments), run at once on `pool`: the requests of one batch of `n`
+        images. None when one of them found no server: the batch is lost, logged and counted (the caller scores it
+        NaN). After any error nothing still queued is sent."""
+        futures = [pool.submit(fn, *args) for fn, args in calls]
+        try:
+            return [f.result() for f in futures]
+        except Unavailable as exc:
+            with self._lock:
+                self.failed_batches += 1
+                failed = self.failed_batches
+            log.warning("%s; the batch of %d images scores NaN, so its step is skipped (%d batch(es) failed so far)", exc, n, failed)
+            return None
+        finally:
+            for f in futures:
+                f.cancel()
 
     def _order(self, start: int) -> list[int]:
         """The servers from `start` in turn, those not cooling down after a failure first."""

@@ -18,7 +18,7 @@ float32. A differentiable remote reward therefore still trains pathwise: its
 forward is an autograd function whose backward is the server's gradient.
 
 A batch is split across the servers (one request each, concurrently, none
-larger than the ``max_batch`` a server's /info declares); a failed request
+larger than the smallest ``max_batch`` and size limit the servers' /info declare); a failed request
 is retried on another (rewardkit.rewards.endpoints). A batch no server could
 score gets NaN scores (logged): the optimizer skips that step and counts it
 like a non-finite step.
@@ -131,8 +131,6 @@ class Remote(Reward):
         if self.differentiable and o.transfer == "uint8":
             log.info("remote reward: transfer = 'uint8' quantizes the images the gradient is taken at")
         self.input_size = tuple(self.info["input_size"]) if self.info.get("input_size") else None
-        self.max_batch = int(self.info.get("max_batch") or 256)
-        self.max_request_bytes = int(self.info.get("max_request_bytes") or 2**30)
         self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints.urls), thread_name_prefix="rewardkit-remote")
 
     @property
@@ -160,6 +158,9 @@ class Remote(Reward):
         if info.get("protocol") != PROTOCOL:
             raise UserError(f"remote reward: {url} speaks protocol {info.get('protocol')}, this rewardkit {PROTOCOL}: "
                             "use the same rewardkit version on both sides")
+        # a request may go to any server: it must fit the strictest (one down now is assumed to have the defaults)
+        self.max_batch = min(int(a.get("max_batch") or 256) for a in answers.values())
+        self.max_request_bytes = min(int(a.get("max_request_bytes") or 2**30) for a in answers.values())
         return info
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -172,22 +173,16 @@ class Remote(Reward):
     def score_batch(self, images: torch.Tensor, prompts: list[str], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores (and gradients) of a batch, split across the servers; NaN (and a warning) when no server could score it."""
         n, b = len(self.endpoints.urls), len(prompts)
-        image_bytes = images[0].numel() * (1 if self.options.transfer == "uint8" else 4)
-        per_request = max(1, min(self.max_batch, (self.max_request_bytes - 2**16) // image_bytes))  # the header's JSON: < 64 KB
+        # the bytes one image adds to a request: its pixels and its prompt in the header's JSON
+        image_bytes = images[0].numel() * (1 if self.options.transfer == "uint8" else 4) + max(len(json.dumps(p)) for p in prompts)
+        per_request = max(1, min(self.max_batch, (self.max_request_bytes - 4096) // image_bytes))
         pieces = max(min(n, b), -(-b // per_request))  # each server a share, none above what a server takes
-        chunks = torch.arange(len(prompts)).tensor_split(pieces)
+        chunks = torch.arange(b).tensor_split(pieces)
         first = self.endpoints.start()
-        futures = [self._pool.submit(self._score_chunk, images[c], [prompts[i] for i in c], gradient, (first + j) % n)
-                   for j, c in enumerate(chunks)]
-        try:
-            parts = [f.result() for f in futures]
-        except Unavailable as exc:
-            self.endpoints.lost_batch(exc, len(prompts))
-            nan = torch.full((len(prompts),), float("nan"))
-            return nan, (torch.full(images.shape, float("nan")) if gradient else None)
-        finally:
-            for f in futures:  # after an error (an outage, a refusal, Ctrl-C) nothing queued is sent any more
-                f.cancel()
+        calls = [(self._score_chunk, (images[c], [prompts[i] for i in c], gradient, (first + j) % n)) for j, c in enumerate(chunks)]
+        parts = self.endpoints.gather(self._pool, calls, b)
+        if parts is None:
+            return torch.full((b,), float("nan")), (torch.full(images.shape, float("nan")) if gradient else None)
         scores = torch.cat([s for s, _ in parts])
         return scores, (torch.cat([g for _, g in parts]) if gradient else None)
 

@@ -18,7 +18,8 @@ to N x max_concurrency in flight), spread over the servers in `url`, each
 with a timeout and bounded retries; a batch whose requests no server
 answered scores NaN (its step is skipped and counted). At start each server
 is asked `GET {url}/models`: one that answers must list `model` (a
-misspelt name fails at once, not at the first batch). An answer with no
+misspelt name fails at once, not at the first batch; a server without that
+path is used unchecked). An answer with no
 score in it is an error, naming the answer: the template or the pattern is
 wrong, and training on a guess would be worse. Not differentiable.
 """
@@ -139,11 +140,14 @@ class VLMJudge(Reward):
         answered = 0
         for i, url in enumerate(self.endpoints.urls):
             try:
-                listed = self.endpoints.request("GET", "/models", only=i, parse=_model_ids)
+                listed = self.endpoints.request("GET", "/models", only=i, parse=_model_ids, missing_ok=True)
             except Unavailable as exc:
                 log.warning("vlm_judge: %s; it is tried again as requests come", exc)
                 continue
             answered += 1
+            if listed is None:  # a gateway without the model list: the first answer will tell
+                log.warning("vlm_judge: %s has no /models to check model = %r against", url, self.options.model)
+                continue
             if self.options.model not in listed:
                 raise UserError(f"vlm_judge: {url} serves {', '.join(sorted(listed)) or 'no model'}, not model = {self.options.model!r}; "
                                 "set `model` to the served name")
@@ -155,16 +159,8 @@ class VLMJudge(Reward):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images and {len(prompts)} prompts")
         pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-        futures = [self._pool.submit(self._ask, array, prompt) for array, prompt in zip(pixels, prompts)]
-        try:
-            scores = [f.result() for f in futures]
-        except Unavailable as exc:
-            self.endpoints.lost_batch(exc, len(prompts))
-            scores = [float("nan")] * len(prompts)
-        finally:
-            for f in futures:  # after an error (an outage, an unparseable answer, Ctrl-C) nothing queued is sent any more
-                f.cancel()
-        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+        scores = self.endpoints.gather(self._pool, [(self._ask, (array, prompt)) for array, prompt in zip(pixels, prompts)], len(prompts))
+        return torch.tensor(scores if scores is not None else [float("nan")] * len(prompts), dtype=torch.float32, device=images.device)
 
     def _ask(self, pixels: np.ndarray, prompt: str) -> float:
         o = self.options
@@ -202,7 +198,7 @@ def _answer(response) -> str:
     except (ValueError, KeyError, IndexError, TypeError):
         raise ValueError(f"not an OpenAI chat completion: {response.text[:300]!r}") from None
     if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        content = "".join(str(part.get("text") or "") for part in content if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise ValueError(f"a chat completion whose content is {type(content).__name__}: {response.text[:300]!r}")
     return content or ""
