@@ -132,6 +132,8 @@ def test_requests_respect_the_servers_limits_and_malformed_ones_are_refused(serv
     small = servers[2]  # --max-batch 4 --max-request-mb 1
     remote = Remote(url=small.url)
     assert remote.max_batch == 4 and remote.max_request_bytes == 2**20
+    mixed = Remote(url=[servers[0].url, small.url])  # any request may go to either: the strictest limits hold
+    assert mixed.max_batch == 4 and mixed.max_request_bytes == 2**20
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     before = requests.get(small.url + "/info", timeout=5).json()
     with torch.no_grad():
@@ -311,6 +313,25 @@ def test_a_busy_server_sheds_load_and_skips_requests_nobody_waits_for():
         assert results == {"scored": 200, "gave up": "timeout"}
         until(lambda: info()["waiting"] == 0, "the quitter's turn")
         assert info()["requests"] == reward.calls == 1, "the request whose client went away was not scored"
+
+        # the remote reward meets a full queue as busy, not broken: it waits as told (no retry used) and is answered
+        reward.release.clear()
+        held = threading.Thread(target=post, args=("held", 60))
+        held.start()
+        until(lambda: reward.calls == 2, "the held request's scoring")
+        queued = threading.Thread(target=post, args=("queued", 60))
+        queued.start()
+        until(lambda: info()["waiting"] == 2, "a full queue")
+        patient = Remote(url=base, retries=0, timeout=30)
+        late = threading.Timer(1.5, reward.release.set)  # after a Retry-After or so
+        late.start()
+        x = torch.rand(1, 3, 4, 4)
+        with torch.no_grad():
+            scores = patient(x, ["a"])
+        held.join()
+        queued.join()
+        assert torch.allclose(scores, x.mean(dim=(1, 2, 3))) and patient.failed_batches == 0
+        assert results["held"] == results["queued"] == 200 and info()["requests"] == 4
     finally:
         reward.release.set()
         server.should_exit = True

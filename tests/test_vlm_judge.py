@@ -31,16 +31,17 @@ class Judge:
     no number at all, or for 'garble' a 200 that is no chat completion; it records the requests and how many were in
     flight at once."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, models: bool = True):
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
 
         self.requests, self.in_flight, self.most_in_flight, self.delay = [], 0, 0, delay
         app = FastAPI()
 
-        @app.get("/v1/models")
-        async def models():
-            return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "test"}]}
+        if models:  # (a gateway may not offer the list)
+            @app.get("/v1/models")
+            async def model_list():
+                return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "test"}]}
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
@@ -162,6 +163,14 @@ def test_a_judge_that_goes_down_or_garbles_costs_a_skipped_step_not_the_run(judg
     with caplog.at_level(logging.WARNING, logger="rewardkit"):
         garbled = VLMJudge(url=judge.url, model=MODEL, retries=1)(images(2), ["a cat", "garble"])
     assert torch.isnan(garbled).all() and "not an OpenAI chat completion" in caplog.text
+
+    listless = Judge(models=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="rewardkit"):
+            unchecked = VLMJudge(url=listless.url, model=MODEL)
+        assert "has no /models to check" in caplog.text and unchecked(images(1), ["a cat"]).isfinite().all()
+    finally:
+        listless.stop()
 
     going = Judge()
     reward = VLMJudge(url=going.url, model=MODEL, retries=1, timeout=2.0)
