@@ -57,6 +57,7 @@ def wait(url: str, timeout: float = 180) -> None:
 def images_per_second(reward, side: int, batch: int, gradient: bool, repeat: int) -> float:
     x = torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
     prompts = [f"a handwritten digit {i % 10}" for i in range(batch)]
+    time.sleep(1.0)  # the previous row's servers go idle first (their threads may still spin for a while)
     best = float("inf")
     for i in range(repeat + 1):
         t = time.perf_counter()

@@ -93,8 +93,11 @@ def full_size_params() -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- building the rewards
 def build_tiny(tmp: Path) -> dict:
-    """Every installed reward on tiny random-weight configs, as the tests build them."""
-    rewards = {}
+    """Every installed reward on tiny random-weight configs, as the tests build them; the differentiable built-ins too."""
+    from rewardkit.rewards.color import Color
+    from rewardkit.rewards.smoothness import Smoothness
+
+    rewards = {"color": Color(), "smoothness": Smoothness()}
     try:
         import open_clip
         from safetensors.torch import save_file
@@ -334,10 +337,11 @@ def main(argv=None) -> int:
             with torch.autocast(args.device, dtype=getattr(torch, args.dtype), enabled=half):
                 r = measure(reward, args.device, size, args.repeat)
             key = name.split(" ")[0]
-            p = params.get(key) or (sum(t.numel() for t in reward.parameters()) if key == "pyiqa" else None)
+            p = params.get(key) or (sum(t.numel() for t in reward.parameters()) if key in ("pyiqa", "color", "smoothness") else None)
             model = _describe(name, reward)
             isz = "x".join(map(str, reward.input_size)) if reward.input_size else "any"
-            line = f"| {name} | {model} | {isz} | {f'{p / 1e6:.1f} M' if p else '?'} | {r['median_ms']:.0f} / {r['min_ms']:.0f} | {r['activations_mb']:.1f} |"
+            count = "0" if p == 0 else f"{p / 1e6:.1f} M" if p else "?"
+            line = f"| {name} | {model} | {isz} | {count} | {r['median_ms']:.3g} / {r['min_ms']:.3g} | {r['activations_mb']:.1f} |"
             if cuda:
                 line += f" {r['cuda_peak_mb']:.0f} |"
             print(line)
@@ -352,6 +356,8 @@ def _describe(name: str, reward) -> str:
         "imagereward": "BLIP ViT-L/16 + BERT-base (cross-attn) + MLP",
         "pickscore": "PickScore v1: CLIP-H (transformers CLIPModel)",
         "hpsv3": "Qwen2-VL-7B-Instruct + HPSv3 reward head (mu)",
+        "color": "none (built in)",
+        "smoothness": "none (built in)",
     }.get(name, f"pyiqa {getattr(reward.options, 'metric', '')}")
 
 
