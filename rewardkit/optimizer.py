@@ -624,8 +624,8 @@ class Optimizer:
         report = self._write_optimized_images() if self.generator.optimized_noise() is not None else ""  # collectives under FSDP
         if self.main:
             write_json(run_dir / "summary.json", {"step": record.get("step", start_step), "final_metrics": record, "checkpoint": str(final) if final else None})
-        if self.run.trackers:
-            acc.end_training()
+        for tracker in acc.trackers:  # (not end_training: it also destroys the process group, which is not ours to end)
+            tracker.finish()
         return FitResult(run_dir, record.get("step", start_step), record, final, report)
 
     # --- logging and drawing -----------------------------------------------------------

@@ -26,12 +26,12 @@ import torch
 
 from rewardkit.errors import UserError
 from rewardkit.rewards.base import Reward
-from rewardkit.rewards.remote import MEDIA_TYPE, PROTOCOL, decode_request, encode_response
+from rewardkit.rewards.remote import MAX_BATCH, MAX_REQUEST_BYTES, MEDIA_TYPE, PROTOCOL, decode_request, encode_response
 
 log = logging.getLogger("rewardkit")
 
-MAX_BATCH, MAX_QUEUE, MAX_REQUEST_MB = 256, 32, 1024
-"""Defaults: images in one request; requests waiting to be scored; megabytes in one request's body."""
+MAX_QUEUE, MAX_REQUEST_MB = 32, MAX_REQUEST_BYTES // 2**20
+"""Defaults: requests in the server at once; megabytes in one request's body."""
 
 
 def build_reward(name: str, options: Sequence[str], registry, device: str | None = None) -> Reward:
@@ -57,7 +57,7 @@ def create_app(reward: Reward, max_batch: int = MAX_BATCH, max_queue: int = MAX_
     device = next(iter(reward.parameters()), torch.empty(0)).device
     max_bytes = int(max_request_mb * 2**20)
     one_at_a_time = asyncio.Lock()
-    state = {"requests": 0, "images": 0, "waiting": 0}
+    state = {"requests": 0, "images": 0, "waiting": 0, "shed": 0}
     app = FastAPI(title=f"rewardkit reward server: {reward.name}")
 
     @app.get("/info")
@@ -96,6 +96,7 @@ def create_app(reward: Reward, max_batch: int = MAX_BATCH, max_queue: int = MAX_
     @app.post("/score")
     async def score_endpoint(request: Request):
         if state["waiting"] >= max_queue:
+            state["shed"] += 1
             raise HTTPException(503, f"{state['waiting']} requests are waiting (--max-queue {max_queue})", headers={"Retry-After": "1"})
         state["waiting"] += 1
         try:

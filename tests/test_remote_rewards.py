@@ -154,6 +154,21 @@ def test_requests_respect_the_servers_limits_and_malformed_ones_are_refused(serv
     assert garbage.status_code == 400
 
 
+@pytest.mark.parametrize("transfer", ["uint8", "float32"])
+def test_every_request_fits_the_size_limit_whatever_the_prompts(servers, transfer):
+    """The batch is split so that each request's encoded body (counted by encoding it) stays under the limit, with
+    prompts whose JSON escaping grows them (accents, CJK, quotes) and near the limit."""
+    remote = Remote(url=servers[0].url, transfer=transfer)
+    remote.max_batch, remote.max_request_bytes = 256, 200_000
+    for prompts in (["é" * 400] * 76, ["一只猫坐在窗台上" * 40] * 76, ['"\\' * 200] * 76, ["a cat"] * 76):
+        x = torch.rand(len(prompts), 3, 30, 30)
+        chunks = remote.request_chunks(x, prompts)
+        assert torch.equal(torch.cat(chunks), torch.arange(len(prompts)))
+        sizes = [len(encode_request(x[c], [prompts[i] for i in c], False, transfer)) for c in chunks]
+        assert max(sizes) <= remote.max_request_bytes, sizes
+        assert min(sizes) > remote.max_request_bytes / 4, ("needlessly small requests", sizes)
+
+
 def test_a_reward_served_without_gradients_says_so_in_backward(servers):
     remote = Remote(url=servers[0].url)
     remote.differentiable = False  # as /info says of a non-differentiable served reward (OCR, a VLM judge)
@@ -314,7 +329,8 @@ def test_a_busy_server_sheds_load_and_skips_requests_nobody_waits_for():
         until(lambda: info()["waiting"] == 0, "the quitter's turn")
         assert info()["requests"] == reward.calls == 1, "the request whose client went away was not scored"
 
-        # the remote reward meets a full queue as busy, not broken: it waits as told (no retry used) and is answered
+        # the remote reward meets a full queue as busy, not broken, even beside a dead server whose failures use up
+        # its one retry: it waits as told and is answered
         reward.release.clear()
         held = threading.Thread(target=post, args=("held", 60))
         held.start()
@@ -322,15 +338,21 @@ def test_a_busy_server_sheds_load_and_skips_requests_nobody_waits_for():
         queued = threading.Thread(target=post, args=("queued", 60))
         queued.start()
         until(lambda: info()["waiting"] == 2, "a full queue")
-        patient = Remote(url=base, retries=0, timeout=30)
-        late = threading.Timer(1.5, reward.release.set)  # after a Retry-After or so
-        late.start()
-        x = torch.rand(1, 3, 4, 4)
-        with torch.no_grad():
-            scores = patient(x, ["a"])
-        held.join()
-        queued.join()
-        assert torch.allclose(scores, x.mean(dim=(1, 2, 3))) and patient.failed_batches == 0
+        patient = Remote(url=[f"http://127.0.0.1:{free_port()}", base], retries=1, timeout=30)  # nothing listens on the first
+        x, got = torch.rand(1, 3, 4, 4), {}
+
+        def score() -> None:
+            with torch.no_grad():
+                got["scores"] = patient(x, ["a"])
+
+        asking = threading.Thread(target=score)
+        asking.start()
+        shed = info()["shed"]
+        until(lambda: info()["shed"] >= shed + 2, "the patient client's second busy answer")  # it waited and came back
+        reward.release.set()
+        for t in (asking, held, queued):
+            t.join()
+        assert torch.allclose(got["scores"], x.mean(dim=(1, 2, 3))) and patient.failed_batches == 0
         assert results["held"] == results["queued"] == 200 and info()["requests"] == 4
     finally:
         reward.release.set()

@@ -148,6 +148,33 @@ def test_unparseable_or_out_of_range_answers_and_unknown_models_are_errors_that_
         reward(images(1), ["a cat"])
 
 
+def test_an_answer_in_text_parts_is_read_and_a_malformed_one_is_that_servers_failure():
+    """vlm_judge._answer on real requests.Response objects: string content, text parts (a null text is no text),
+    and bodies that are no chat completion (ValueError: the endpoints retry them elsewhere)."""
+    import json
+
+    import requests
+
+    from rewardkit.rewards.vlm_judge import _answer
+
+    def response(body) -> requests.Response:
+        r = requests.Response()
+        r.status_code, r._content = 200, json.dumps(body).encode()
+        return r
+
+    def completion(content):
+        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+    assert _answer(response(completion("Score: 7"))) == "Score: 7"
+    parts = [{"type": "text", "text": "Score:"}, {"type": "image_url", "image_url": {}}, {"type": "text", "text": None},
+             {"type": "text", "text": " 7"}]
+    assert _answer(response(completion(parts))) == "Score: 7"
+    assert _answer(response(completion(None))) == ""
+    for bad in ({"status": "ok"}, {"choices": []}, completion(7)):
+        with pytest.raises(ValueError):
+            _answer(response(bad))
+
+
 def test_options_are_checked_before_any_request():
     for bad in ({"template": "{prompt} and {style}"}, {"score_pattern": r"\d+"}, {"score_pattern": "("}, {"score_range": [5, 5]},
                 {"url": "127.0.0.1:8000"}):

@@ -23,6 +23,7 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, wait
 from typing import Callable, Sequence, TypeVar
 
 from rewardkit.errors import UserError
@@ -84,9 +85,10 @@ class Endpoints:
         answers 2xx with a body `parse` accepts (a ValueError from it counts as that server's failure).
 
         A server that is busy (503 with Retry-After: its queue is full) is not a failure: the request goes to the
-        next server, or waits as asked when there is no other, for up to `timeout` seconds, without using a retry.
-        Raises Unavailable when `retries + 1` tries all failed, UserError on a 4xx answer or an unusable URL
-        (`missing_ok`: None for a 404 or 405, a path the server does not offer)."""
+        next server, or waits as asked, for up to `timeout` seconds, without using a retry; a server that failed
+        this request is not asked again while another has not failed it. Raises Unavailable when `retries + 1`
+        tries all failed, UserError on a 4xx answer or an unusable URL (`missing_ok`: None for a 404 or 405, a
+        path the server does not offer)."""
         import requests
 
         session = getattr(self._local, "session", None)
@@ -94,38 +96,43 @@ class Endpoints:
             session = self._local.session = requests.Session()
         order = [only] if only is not None else self._order(self.start() if start is None else start)
         headers = {**self.headers, **(headers or {})}
-        errors, pause, tries, k = [], 0.0, 0, 0
+        errors, tries, k = [], 0, 0
+        failed, asked, wait_for, busy_seen = set(), set(), 0.0, False  # this request's: failed servers; this round's
         busy_until = time.monotonic() + self.timeout
         while tries <= self.retries:
-            i = order[k % len(order)]
+            # the next server in turn, passing over those that failed this request while one that did not remains
+            candidates = [j for j in order if j not in failed] or order
+            i = candidates[k % len(candidates)]
             k += 1
-            url = self.urls[i] + path
-            if pause:
+            if i in asked:  # a new round: pause first, as long as the servers asked (a busy one's wait ends in time)
+                pause = wait_for or BACKOFF_S * (1 + random.random())
+                if busy_seen:
+                    pause = min(pause, max(0.0, busy_until - time.monotonic()))
                 time.sleep(pause)
-            pause = 0.0
+                asked, wait_for, busy_seen = set(), 0.0, False
+            asked.add(i)
+            url = self.urls[i] + path
             try:
                 response = session.request(method, url, timeout=(min(10.0, self.timeout), self.timeout), headers=headers, **kwargs)
             except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                pause = self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, order, k)
-                tries += 1
+                tries += self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, failed)
                 continue
             except requests.ConnectionError as exc:
                 if isinstance(exc, requests.exceptions.SSLError):  # a certificate does not heal by retrying
                     raise UserError(f"{self.what}: {url}: TLS failed ({_short(exc)}); check the URL's scheme and the server's certificate") from None
-                pause = self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, order, k)
-                tries += 1
+                tries += self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, failed)
                 continue
             except requests.RequestException as exc:  # an invalid URL, too many redirects: no retry mends them
                 raise UserError(f"{self.what}: {url}: {type(exc).__name__}: {_short(exc)}") from None
             status = response.status_code
             if status == 503 and "Retry-After" in response.headers and time.monotonic() < busy_until:
                 log.debug("%s: %s is busy (%s)", self.what, url, _detail(response))
-                if k % len(order) == 0:  # every server asked once since the last pause: wait as asked
-                    pause = _retry_after(response) or BACKOFF_S
+                failed.discard(i)  # busy, so alive
+                wait_for, busy_seen = max(wait_for, _retry_after(response) or BACKOFF_S), True
                 continue
             if retriable_status(status):
-                pause = self._failure(i, f"{url}: HTTP {status} {_detail(response)}", errors, order, k, _retry_after(response))
-                tries += 1
+                tries += self._failure(i, f"{url}: HTTP {status} {_detail(response)}", errors, failed)
+                wait_for = max(wait_for, _retry_after(response))
                 continue
             if missing_ok and status in (404, 405):
                 return None
@@ -134,22 +141,19 @@ class Endpoints:
             try:
                 value = parse(response)
             except ValueError as exc:  # a 200 with a body that is not the service's answer: a broken or wrong server
-                pause = self._failure(i, f"{url}: an unreadable answer ({exc})", errors, order, k)
-                tries += 1
+                tries += self._failure(i, f"{url}: an unreadable answer ({exc})", errors, failed)
                 continue
             with self._lock:
                 self._down_until[i] = 0.0
             return value
         raise Unavailable(f"{self.what}: no server answered in {self.retries + 1} tries ({'; '.join(errors)})")
 
-    def _failure(self, i: int, error: str, errors: list, order: list, k: int, retry_after: float = 0.0) -> float:
-        """Record server i's failure; the pause before the next try: none while servers not yet tried in this round
-        remain, then the server's Retry-After or a short jittered one (clients that failed together spread out)."""
+    def _failure(self, i: int, error: str, errors: list, failed: set) -> int:
+        """Record server i's failure of this request (and for the cooldown); returns the try it used up, 1."""
         errors.append(error)
+        failed.add(i)
         self._failed(i, error)
-        if k % len(order):
-            return 0.0
-        return retry_after or BACKOFF_S * (1 + random.random())
+        return 1
 
     def gather(self, pool, calls: Sequence[tuple[Callable, tuple]], n: int) -> list | None:
         """The results of `calls` (function, arguments), run at once on `pool`: the requests of one batch of `n`
@@ -157,6 +161,10 @@ class Endpoints:
         NaN). After any error nothing still queued is sent."""
         futures = [pool.submit(fn, *args) for fn, args in calls]
         try:
+            wait(futures, return_when=FIRST_EXCEPTION)  # a lost request is known at once, not after those before it
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
             return [f.result() for f in futures]
         except Unavailable as exc:
             with self._lock:

@@ -44,6 +44,8 @@ log = logging.getLogger("rewardkit")
 
 PROTOCOL = 1
 MEDIA_TYPE = "application/vnd.rewardkit.safetensors"
+MAX_BATCH, MAX_REQUEST_BYTES = 256, 1024 * 2**20
+"""`rewardkit serve-reward`'s default limits: images in one request, bytes in one request's body."""
 
 
 # --- the wire format: safetensors files, prompts as JSON in their metadata ------------------------------------------
@@ -159,8 +161,10 @@ class Remote(Reward):
             raise UserError(f"remote reward: {url} speaks protocol {info.get('protocol')}, this rewardkit {PROTOCOL}: "
                             "use the same rewardkit version on both sides")
         # a request may go to any server: it must fit the strictest (one down now is assumed to have the defaults)
-        self.max_batch = min(int(a.get("max_batch") or 256) for a in answers.values())
-        self.max_request_bytes = min(int(a.get("max_request_bytes") or 2**30) for a in answers.values())
+        limits = [(int(a.get("max_batch") or MAX_BATCH), int(a.get("max_request_bytes") or MAX_REQUEST_BYTES)) for a in answers.values()]
+        if len(answers) < len(self.endpoints.urls):
+            limits.append((MAX_BATCH, MAX_REQUEST_BYTES))
+        self.max_batch, self.max_request_bytes = min(b for b, _ in limits), min(m for _, m in limits)
         return info
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -173,11 +177,7 @@ class Remote(Reward):
     def score_batch(self, images: torch.Tensor, prompts: list[str], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores (and gradients) of a batch, split across the servers; NaN (and a warning) when no server could score it."""
         n, b = len(self.endpoints.urls), len(prompts)
-        # the bytes one image adds to a request: its pixels and its prompt in the header's JSON
-        image_bytes = images[0].numel() * (1 if self.options.transfer == "uint8" else 4) + max(len(json.dumps(p)) for p in prompts)
-        per_request = max(1, min(self.max_batch, (self.max_request_bytes - 4096) // image_bytes))
-        pieces = max(min(n, b), -(-b // per_request))  # each server a share, none above what a server takes
-        chunks = torch.arange(b).tensor_split(pieces)
+        chunks = self.request_chunks(images, prompts)
         first = self.endpoints.start()
         calls = [(self._score_chunk, (images[c], [prompts[i] for i in c], gradient, (first + j) % n)) for j, c in enumerate(chunks)]
         parts = self.endpoints.gather(self._pool, calls, b)
@@ -185,6 +185,15 @@ class Remote(Reward):
             return torch.full((b,), float("nan")), (torch.full(images.shape, float("nan")) if gradient else None)
         scores = torch.cat([s for s, _ in parts])
         return scores, (torch.cat([g for _, g in parts]) if gradient else None)
+
+    def request_chunks(self, images: torch.Tensor, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """The batch's indices, one tensor per request: a share for each server, none above what a server takes."""
+        n, b = len(self.endpoints.urls), len(prompts)
+        # the bytes one image adds to a request: its pixels, and its prompt in the header's JSON as a JSON string
+        # inside a JSON string (escaped twice), with its separator
+        image_bytes = images[0].numel() * (1 if self.options.transfer == "uint8" else 4) + max(len(json.dumps(json.dumps(p))) + 2 for p in prompts)
+        per_request = max(1, min(self.max_batch, (self.max_request_bytes - 4096) // image_bytes))
+        return list(torch.arange(b).tensor_split(max(min(n, b), -(-b // per_request))))
 
     def _score_chunk(self, images: torch.Tensor, prompts: list[str], gradient: bool, start: int):
         body = encode_request(images, prompts, gradient, self.options.transfer)
