@@ -60,13 +60,8 @@ class RunSource:
 
 def export(path: str | Path, format: str, out: str | Path, registry, ema: bool = False, lora_layout: str | None = None) -> Path:
     """Export the generator of a run directory (or checkpoint folder) to `out` (`ema`: its averaged weights); returns `out`."""
-    if format not in FORMATS:
-        raise UserError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     layout = _layout(format, lora_layout)
-    out = Path(out)
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
-    writable_dir(out, "--out")  # before the model loads
+    out = writable_dir(_check_out(Path(out)), "--out")  # before the model loads
     run_dir, checkpoint = resolve_run_path(path)
     _check_recipe(run_dir, registry, format, layout)  # refusals that the recipe alone decides, before the model loads
     generator, _, checkpoint = generator_from_checkpoint(run_dir, checkpoint, registry, ema)
@@ -75,6 +70,9 @@ def export(path: str | Path, format: str, out: str | Path, registry, ema: bool =
 
 
 def _layout(format: str, lora_layout: str | None) -> str:
+    """The LoRA layout to write, once `format` and `lora_layout` are known to go together."""
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     if lora_layout is None:
         return "diffusers"
     if lora_layout not in LORA_LAYOUTS:
@@ -82,6 +80,22 @@ def _layout(format: str, lora_layout: str | None) -> str:
     if format != "lora" and lora_layout != "diffusers":
         raise UserError(f"--lora-layout {lora_layout} is a layout of LoRA weights: use it with --format lora")
     return lora_layout
+
+
+def _check_out(out: Path) -> Path:
+    """--out, resolved: a new or empty folder, and not the current folder or one holding it (the export replaces the
+    folder as a whole)."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
+    here = Path.cwd()
+    if out.resolve() in (here, *here.parents):  # '.', '..'
+        raise UserError(f"--out {out} is the current folder (or holds it); name a new folder, e.g. --out exported/")
+    return out.resolve()
+
+
+def _not_exportable(name: str) -> UserError:
+    return UserError(f"generator '{name}' cannot be exported: only the diffusion generators (sd, sdxl, sd3, flux, zimage) "
+                     "write diffusers formats")
 
 
 def _refusal(cls: type, training: str, format: str, layout: str) -> str | None:
@@ -103,8 +117,7 @@ def _check_recipe(run_dir: Path, registry, format: str, layout: str) -> None:
 
     spec = load_recipe(run_dir / "recipe.toml", registry=registry).generator
     if not (isinstance(spec.cls, type) and issubclass(spec.cls, DiffusionGenerator)):
-        raise UserError(f"generator '{spec.cls.name}' cannot be exported: only the diffusion generators "
-                        "(sd, sdxl, sd3, flux, zimage) write diffusers formats")
+        raise _not_exportable(spec.cls.name)
     if (problem := _refusal(spec.cls, spec.options.training, format, layout)) is not None:
         raise UserError(problem)
 
@@ -115,21 +128,12 @@ def export_generator(generator: DiffusionGenerator, out: str | Path, format: str
     with rewardkit_export.json and a model card (the recipe and sample grid of `source` when given).
 
     `progress`: a progress bar while a pipeline is saved (as rewardkit.images.progress_bar decides; False: none)."""
-    out = Path(out)
     if not isinstance(generator, DiffusionGenerator):
-        raise UserError(f"generator '{generator.name}' cannot be exported: only the diffusion generators "
-                        "(sd, sdxl, sd3, flux, zimage) write diffusers formats")
-    if format not in FORMATS:
-        raise UserError(f"unknown export format {format!r}; choose 'diffusers' or 'lora'")
+        raise _not_exportable(generator.name)
     layout = _layout(format, lora_layout)
     if (problem := _refusal(type(generator), generator.options.training, format, layout)) is not None:
         raise UserError(problem)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
-    here = Path.cwd()
-    if out.resolve() in (here, *here.parents):  # '.', '..': the export replaces the folder as a whole
-        raise UserError(f"--out {out} is the current folder (or holds it); name a new folder, e.g. --out exported/")
-    out = out.resolve()
+    out = _check_out(Path(out))
 
     # Written beside `out` and renamed onto it once complete: a crash leaves no folder that looks finished
     # (a kill leaves this hidden .partial folder, which no loader takes for an export).
@@ -142,7 +146,7 @@ def export_generator(generator: DiffusionGenerator, out: str | Path, format: str
         if format == "diffusers":
             _export_pipeline(generator, stage, progress)
         elif layout == "kohya":
-            weight_name = f"{out.resolve().name}.safetensors"  # UIs list LoRAs by file name: the folder's, not a generic one
+            weight_name = f"{out.name}.safetensors"  # UIs list LoRAs by file name: the folder's, not a generic one
             _export_kohya(generator, stage / weight_name)
         else:
             weight_name = DIFFUSERS_LORA_FILE
