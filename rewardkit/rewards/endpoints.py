@@ -99,6 +99,14 @@ class Endpoints:
         errors, tries, k = [], 0, 0
         failed, asked, wait_for, busy_seen = set(), set(), 0.0, False  # this request's: failed servers; this round's
         busy_until = time.monotonic() + self.timeout
+
+        def fail(i: int, error: str) -> None:  # server i failed this request: a try used up, and its cooldown starts
+            nonlocal tries
+            tries += 1
+            errors.append(error)
+            failed.add(i)
+            self._failed(i, error)
+
         while tries <= self.retries:
             # the next server in turn, passing over those that failed this request while one that did not remains
             candidates = [j for j in order if j not in failed] or order
@@ -115,12 +123,12 @@ class Endpoints:
             try:
                 response = session.request(method, url, timeout=(min(10.0, self.timeout), self.timeout), headers=headers, **kwargs)
             except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                tries += self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, failed)
+                fail(i, f"{url}: {type(exc).__name__}: {_short(exc)}")
                 continue
             except requests.ConnectionError as exc:
                 if isinstance(exc, requests.exceptions.SSLError):  # a certificate does not heal by retrying
                     raise UserError(f"{self.what}: {url}: TLS failed ({_short(exc)}); check the URL's scheme and the server's certificate") from None
-                tries += self._failure(i, f"{url}: {type(exc).__name__}: {_short(exc)}", errors, failed)
+                fail(i, f"{url}: {type(exc).__name__}: {_short(exc)}")
                 continue
             except requests.RequestException as exc:  # an invalid URL, too many redirects: no retry mends them
                 raise UserError(f"{self.what}: {url}: {type(exc).__name__}: {_short(exc)}") from None
@@ -131,7 +139,7 @@ class Endpoints:
                 wait_for, busy_seen = max(wait_for, _retry_after(response) or BACKOFF_S), True
                 continue
             if retriable_status(status):
-                tries += self._failure(i, f"{url}: HTTP {status} {_detail(response)}", errors, failed)
+                fail(i, f"{url}: HTTP {status} {_detail(response)}")
                 wait_for = max(wait_for, _retry_after(response))
                 continue
             if missing_ok and status in (404, 405):
@@ -141,19 +149,23 @@ class Endpoints:
             try:
                 value = parse(response)
             except ValueError as exc:  # a 200 with a body that is not the service's answer: a broken or wrong server
-                tries += self._failure(i, f"{url}: an unreadable answer ({exc})", errors, failed)
+                fail(i, f"{url}: an unreadable answer ({exc})")
                 continue
             with self._lock:
                 self._down_until[i] = 0.0
             return value
         raise Unavailable(f"{self.what}: no server answered in {self.retries + 1} tries ({'; '.join(errors)})")
 
-    def _failure(self, i: int, error: str, errors: list, failed: set) -> int:
-        """Record server i's failure of this request (and for the cooldown); returns the try it used up, 1."""
-        errors.append(error)
-        failed.add(i)
-        self._failed(i, error)
-        return 1
+    def ask_each(self, method: str, path: str, **kwargs) -> tuple[dict[str, object], list[str]]:
+        """Every server asked alone, so that each answer is filed under the server that gave it (a start-up check):
+        {url: answer} of those that answered, and why the others did not. `kwargs` as for `request`."""
+        answers, errors = {}, []
+        for i, url in enumerate(self.urls):
+            try:
+                answers[url] = self.request(method, path, only=i, **kwargs)
+            except Unavailable as exc:
+                errors.append(str(exc))
+        return answers, errors
 
     def gather(self, pool, calls: Sequence[tuple[Callable, tuple]], n: int) -> list | None:
         """The results of `calls` (function, arguments), run at once on `pool`: the requests of one batch of `n`

@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 from rewardkit.errors import UserError
 from rewardkit.images import to_uint8
 from rewardkit.rewards.base import Reward, RewardOptions
-from rewardkit.rewards.endpoints import Endpoints, Unavailable, server_urls
+from rewardkit.rewards.endpoints import Endpoints, server_urls
 
 log = logging.getLogger("rewardkit")
 
@@ -142,12 +142,7 @@ class Remote(Reward):
     def _info(self) -> dict:
         """Every server's /info, each asked alone (so an answer is filed under the server that gave it): those that
         answer must serve one reward, in this protocol."""
-        answers, errors = {}, []
-        for i, url in enumerate(self.endpoints.urls):
-            try:
-                answers[url] = self.endpoints.request("GET", "/info", only=i, parse=_info_json)
-            except Unavailable as exc:
-                errors.append(str(exc))
+        answers, errors = self.endpoints.ask_each("GET", "/info", parse=_info_json)
         if not answers:
             raise UserError(f"remote reward: no server answered /info at {', '.join(self.endpoints.urls)} ({'; '.join(errors)}). "
                             "Start one with `rewardkit serve-reward NAME --host HOST --port PORT` and set `url` to it.")

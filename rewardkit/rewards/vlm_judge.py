@@ -41,7 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from rewardkit.errors import UserError
 from rewardkit.images import to_uint8
 from rewardkit.rewards.base import Reward, RewardOptions
-from rewardkit.rewards.endpoints import Endpoints, Unavailable, server_urls
+from rewardkit.rewards.endpoints import Endpoints, server_urls
 
 DEFAULT_TEMPLATE = (
     "You are an expert judge of generated images. The image was generated from the prompt: \"{prompt}\". "
@@ -137,21 +137,17 @@ class VLMJudge(Reward):
 
     def _check_model(self) -> None:
         """Each server's model list (GET {url}/models, which OpenAI-compatible servers answer) must hold `model`."""
-        answered = 0
-        for i, url in enumerate(self.endpoints.urls):
-            try:
-                listed = self.endpoints.request("GET", "/models", only=i, parse=_model_ids, missing_ok=True)
-            except Unavailable as exc:
-                log.warning("vlm_judge: %s; it is tried again as requests come", exc)
-                continue
-            answered += 1
+        answers, errors = self.endpoints.ask_each("GET", "/models", parse=_model_ids, missing_ok=True)
+        for error in errors:
+            log.warning("vlm_judge: %s; it is tried again as requests come", error)
+        for url, listed in answers.items():
             if listed is None:  # a gateway without the model list: the first answer will tell
                 log.warning("vlm_judge: %s has no /models to check model = %r against", url, self.options.model)
                 continue
             if self.options.model not in listed:
                 raise UserError(f"vlm_judge: {url} serves {', '.join(sorted(listed)) or 'no model'}, not model = {self.options.model!r}; "
                                 "set `model` to the served name")
-        if not answered:
+        if not answers:
             raise UserError(f"vlm_judge: no server answered GET /models at {', '.join(self.endpoints.urls)}. Start the judge "
                             "(e.g. `vllm serve MODEL --port 8000`) and set `url` to its API base, e.g. 'http://127.0.0.1:8000/v1'.")
 
