@@ -256,12 +256,12 @@ def hacking_checks(run: Run) -> list[HackingCheck]:
 
 
 # --- the figures ------------------------------------------------------------------------
-def figures(runs: list[Run]) -> dict[str, object]:
+def figures(runs: list[Run], warned: dict[str, list[str]] | None = None) -> dict[str, object]:
     """{metric key: plotly Figure}: one trace per run that logged the key, with exactly its logged (step, value)
-    pairs; the key is the title and layout.meta.metric."""
+    pairs; the key is the title and layout.meta.metric. `warned`: _warned(runs), when the caller has it."""
     import plotly.graph_objects as go
 
-    warned = _warned(runs)
+    warned = _warned(runs) if warned is None else warned
     out = {}
     for _, keys in curve_keys(runs):
         for key in keys:
@@ -448,8 +448,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, prog
     files = out.with_name(out.stem + "_files")
     if files.exists() and not files.is_dir():
         raise UserError(f"{files} is a file; the report writes its PNG curves into a folder of that name (move the file, or choose another --out)")
-    figs = figures(runs)
     warned = _warned(runs)
+    figs = figures(runs, warned)
     shown = [pick_grids(run.grids) for run in runs]
     bar = progress_bar(2 * len(figs) + sum(map(len, shown)) + 1, "report", "part", enabled=progress)
     try:
@@ -528,6 +528,16 @@ def _hacking_section(runs: list[Run]) -> str:
     return "\n".join(parts)
 
 
+def _image_figure(path: Path, alt: str, caption: str, attributes: str = "") -> str | None:
+    """A <figure> with the image embedded at its display width (pixelated where enlarged); None for an unreadable one."""
+    if (embedded := embed_image(path)) is None:
+        return None
+    uri, width, _, display = embedded
+    cls = "grid pixelated" if display > width else "grid"
+    return (f'<figure><img class="{cls}" src="{uri}" alt="{html.escape(alt)}"{attributes} width="{display}" '
+            f'style="width:{display}px"><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
 def _samples_section(runs: list[Run], shown: list[list[tuple[int, Path]]], bar) -> str:
     parts = ['<section id="samples"><h2>Sample grids over training</h2>',
              "<p>The grids of samples/, drawn on the same prompts and noise at each step; small grids are enlarged "
@@ -542,13 +552,8 @@ def _samples_section(runs: list[Run], shown: list[list[tuple[int, Path]]], bar) 
         figures_ = []
         for step, path in grids:
             bar.update(1)
-            if (embedded := embed_image(path)) is None:
-                figures_.append(f"<figure><p>{html.escape(path.name)}: not a readable image</p></figure>")
-                continue
-            uri, width, height, display = embedded
-            cls = "grid pixelated" if display > width else "grid"
-            figures_.append(f'<figure><img class="{cls}" src="{uri}" alt="samples at step {step}" data-step="{step}" '
-                            f'width="{display}" style="width:{display}px"><figcaption>step {step}</figcaption></figure>')
+            figure = _image_figure(path, f"samples at step {step}", f"step {step}", f' data-step="{step}"')
+            figures_.append(figure or f"<figure><p>{html.escape(path.name)}: not a readable image</p></figure>")
         parts.append('<div class="strip">' + "".join(figures_) + "</div>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -568,13 +573,7 @@ def _tables_section(runs: list[Run]) -> str:
         parts.append("<p>No summary.json: the runs have not finished.</p>")
     for run in runs:
         if run.other_images:
-            shown = []
-            for path in run.other_images:
-                if (embedded := embed_image(path)) is None:
-                    continue
-                uri, width, _, display = embedded
-                shown.append(f'<figure><img class="{"grid pixelated" if display > width else "grid"}" src="{uri}" alt="{html.escape(path.name)}" '
-                             f'width="{display}" style="width:{display}px"><figcaption>{html.escape(path.name)}</figcaption></figure>')
+            shown = [f for f in (_image_figure(path, path.name, path.name) for path in run.other_images) if f is not None]
             parts.append(f"<h3>{html.escape(run.name)}: other images in samples/</h3><div class=\"strip\">{''.join(shown)}</div>")
         for rel, blocks in markdown_tables(run):
             parts.append(f"<h3>{html.escape(run.name)}: {html.escape(str(rel))}</h3>")
