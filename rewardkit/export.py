@@ -85,7 +85,9 @@ def _layout(format: str, lora_layout: str | None) -> str:
 def _check_out(out: Path) -> Path:
     """--out, resolved: a new or empty folder, and not the current folder or one holding it (the export replaces the
     folder as a whole)."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder (a new one is created)")  # writable_dir's words
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder")
     here = Path.cwd()
     if out.resolve() in (here, *here.parents):  # '.', '..'
